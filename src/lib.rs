@@ -1,0 +1,15 @@
+//! patchbay: a compiler and runner for declarative activation-patching experiments.
+//!
+//! Stages, one module each: [`syntax`] (pest grammar -> AST with spans), [`check`] (names,
+//! ranges and tokenisation resolved against the model; miette diagnostics), [`plan`] (datasets,
+//! sweeps and targets expanded into an execution plan). Beside them: [`import`] (checkpoints ->
+//! model directory), [`onnx`] (graph building and surgery), [`runtime`] (ONNX Runtime),
+//! [`model`] (the model-directory contract and a pure-Rust reference forward pass).
+
+pub mod check;
+pub mod import;
+pub mod model;
+pub mod plan;
+pub mod setup;
+pub mod synth;
+pub mod syntax;
