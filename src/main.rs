@@ -1,0 +1,171 @@
+//! The `patchbay` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use patchbay::model::ModelDir;
+use patchbay::runtime::{self, Device};
+use patchbay::{import, predict, setup};
+
+#[derive(Parser)]
+#[command(name = "patchbay", version, about = "Compile and run declarative activation-patching experiments")]
+struct Cli {
+    /// No progress bars (for CI logs).
+    #[arg(long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch ONNX Runtime and the SmolLM2-135M demo model (first use only), import it, and run it.
+    Demo {
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+    },
+    /// Import a GGUF file or a Hugging Face checkpoint folder into a model directory.
+    Import {
+        /// A `.gguf` file, or a folder with config.json, *.safetensors and tokenizer.json.
+        source: PathBuf,
+        /// The model directory to write [default: <models folder>/<source name>].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Replace a different model already in the output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the most likely next tokens of a prompt.
+    Predict {
+        /// A model directory, or the name of a model in the models folder.
+        #[arg(long)]
+        model: String,
+        prompt: String,
+        #[arg(long, short = 'k', default_value_t = 5)]
+        top_k: usize,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+    },
+    /// Show the ONNX Runtime found, its execution providers, and the models available.
+    Doctor,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Demo { device } => demo(device, cli.quiet),
+        Command::Import { source, out, force } => {
+            let out = out.unwrap_or_else(|| {
+                let stem = source.file_stem().unwrap_or_default().to_string_lossy().to_lowercase();
+                setup::models_dir().join(stem)
+            });
+            let opts = import::ImportOptions { source, out: out.clone(), force, quiet: cli.quiet };
+            match import::import(&opts)? {
+                import::Outcome::Imported => println!("imported {}", out.display()),
+                import::Outcome::UpToDate => println!("{} is up to date", out.display()),
+            }
+            Ok(true)
+        }
+        Command::Predict { model, prompt, top_k, format, device } => {
+            runtime::ensure(false)?;
+            let dir = ModelDir::open(&setup::resolve_model(&model, &std::env::current_dir()?))?;
+            let prediction = predict::predict(&dir, &prompt, top_k, device)?;
+            match format {
+                Format::Table => print_table(&prompt, &prediction),
+                Format::Csv => print_csv(&prediction)?,
+            }
+            Ok(true)
+        }
+        Command::Doctor => doctor(),
+    }
+}
+
+fn print_table(prompt: &str, prediction: &predict::Prediction) {
+    println!("{prompt:?} ({} tokens)", prediction.tokens.len());
+    println!("  {:>4}  {:<20} {:>8}  {:>10}", "rank", "token", "id", "prob");
+    for (rank, c) in prediction.candidates.iter().enumerate() {
+        println!("  {:>4}  {:<20} {:>8}  {:>10.4}", rank + 1, format!("{:?}", c.token), c.token_id, c.probability);
+    }
+}
+
+fn print_csv(prediction: &predict::Prediction) -> anyhow::Result<()> {
+    let mut w = csv::Writer::from_writer(std::io::stdout());
+    w.write_record(["rank", "token_id", "token", "probability", "logit"])?;
+    for (rank, c) in prediction.candidates.iter().enumerate() {
+        w.write_record([(rank + 1).to_string(), c.token_id.to_string(), c.token.clone(), format!("{:.6}", c.probability), c.logit.to_string()])?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
+    runtime::ensure(true)?;
+    let model = setup::ensure_demo_model(quiet)?;
+    for prompt in setup::DEMO_PROMPTS {
+        print_table(prompt, &predict::predict(&model, prompt, 5, device)?);
+    }
+    Ok(true)
+}
+
+fn doctor() -> anyhow::Result<bool> {
+    let mut healthy = true;
+    match runtime::ensure(false) {
+        Ok(rt) => {
+            println!("ONNX Runtime: {} (found via {})", rt.library.display(), rt.found_via);
+            println!("  build: {}", runtime::build_info());
+            println!("  execution providers: {}", runtime::available_providers().join(", "));
+        }
+        Err(e) => {
+            healthy = false;
+            println!("ONNX Runtime: not usable\n  {e:#}");
+        }
+    }
+    let models = setup::models_dir();
+    println!("models folder: {}", models.display());
+    let mut found = 0;
+    if let Ok(entries) = std::fs::read_dir(&models) {
+        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+        dirs.sort();
+        for dir in dirs {
+            if let Ok(m) = ModelDir::open(&dir) {
+                let c = &m.manifest.config;
+                println!(
+                    "  {:<24} {} {} layers, d_model {}, {} heads, vocab {} (from {})",
+                    m.manifest.name,
+                    c.architecture.name(),
+                    c.n_layers,
+                    c.d_model,
+                    c.n_heads,
+                    c.vocab_size,
+                    m.manifest.source.format
+                );
+                found += 1;
+            }
+        }
+    }
+    if found == 0 {
+        println!("  (none; `patchbay demo` fetches SmolLM2-135M, `patchbay import` adds your own)");
+    }
+    Ok(healthy)
+}

@@ -1,0 +1,233 @@
+//! ONNX Runtime: finding the shared library, creating sessions on a device, running graphs.
+//!
+//! The library is loaded dynamically (no binary downloads are possible where patchbay runs).
+//! Search order: `ORT_DYLIB_PATH`; the patchbay cache (`<cache>/pip/onnxruntime-<ver>`); an
+//! installed Python `onnxruntime` (or `onnxruntime-gpu`) package. `ensure` may install the PyPI
+//! wheel into the cache when nothing is found.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context as _};
+use ort::ep::ExecutionProvider as _;
+use ort::session::Session;
+
+use crate::setup;
+
+/// The ONNX Runtime release patchbay is built against (ort 2.0.0-rc.15 -> API 1.31).
+pub const ORT_VERSION: &str = "1.31.1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(format!("unknown device `{other}`; expected `cpu` or `cuda`")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// The loaded library and where it came from.
+pub struct Runtime {
+    pub library: PathBuf,
+    pub found_via: String,
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// Load ONNX Runtime once per process. With `install`, fetch the PyPI wheel into the cache when
+/// no library is found (the demo path); otherwise that is an error saying how to fix it.
+pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let (library, found_via) = match locate() {
+        Ok(found) => found,
+        Err(looked) if install => {
+            eprintln!("ONNX Runtime not found ({looked}); installing onnxruntime=={ORT_VERSION} from PyPI into the patchbay cache");
+            let dir = setup::pip_install(&format!("onnxruntime=={ORT_VERSION}"), &format!("onnxruntime-{ORT_VERSION}"))?;
+            let lib = library_in_package(&dir.join("onnxruntime"))
+                .with_context(|| format!("the onnxruntime wheel installed in {} has no libonnxruntime", dir.display()))?;
+            (lib, "the patchbay cache (just installed)".to_string())
+        }
+        Err(looked) => bail!(
+            "cannot find the ONNX Runtime shared library ({looked})\n  help: run `patchbay demo` once (it installs onnxruntime=={ORT_VERSION} into {}), or `pip install onnxruntime=={ORT_VERSION}`, or set ORT_DYLIB_PATH to libonnxruntime.so",
+            setup::cache_dir().display()
+        ),
+    };
+    let env = ort::init_from(&library)
+        .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}", library.display()))?
+        .with_name("patchbay")
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start ONNX Runtime from {}: {e}", library.display()))?;
+    Ok(RUNTIME.get_or_init(|| Runtime { library, found_via, env }))
+}
+
+/// Find the library without installing anything; the error lists the places looked at.
+pub fn locate() -> Result<(PathBuf, String), String> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok((path, "ORT_DYLIB_PATH".into()))
+        } else {
+            Err(format!("ORT_DYLIB_PATH={} is not a file", path.display()))
+        };
+    }
+    let cached = setup::cache_dir().join("pip").join(format!("onnxruntime-{ORT_VERSION}")).join("onnxruntime");
+    if let Some(lib) = library_in_package(&cached) {
+        return Ok((lib, "the patchbay cache".into()));
+    }
+    if let Some(lib) = python_package_dir("onnxruntime").and_then(|dir| library_in_package(&dir)) {
+        return Ok((lib, "the Python onnxruntime package".into()));
+    }
+    Err(format!(
+        "looked at ORT_DYLIB_PATH (unset), {}, and python3's onnxruntime package",
+        cached.display()
+    ))
+}
+
+/// `<package>/capi/libonnxruntime.so.<version>` (or the unversioned name).
+fn library_in_package(package: &Path) -> Option<PathBuf> {
+    let capi = package.join("capi");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&capi)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("libonnxruntime.so") || name.starts_with("libonnxruntime.dylib") || name == "onnxruntime.dll"
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Where python3 would import `module` from, without importing it.
+fn python_package_dir(module: &str) -> Option<PathBuf> {
+    let script = format!(
+        "import importlib.util as u; s = u.find_spec('{module}'); print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')"
+    );
+    let out = Command::new("python3").args(["-c", &script]).output().ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
+/// Execution providers this ONNX Runtime build offers (compiled in; usability is checked when a
+/// session registers one).
+pub fn available_providers() -> Vec<&'static str> {
+    let mut out = vec!["CPUExecutionProvider"];
+    if ort::ep::CUDA::is_available().unwrap_or(false) {
+        out.push("CUDAExecutionProvider");
+    }
+    out
+}
+
+/// The ONNX Runtime build string (version, commit).
+pub fn build_info() -> String {
+    ort::info().to_string()
+}
+
+/// A session for `model` on `device`. CUDA never falls back to the CPU silently.
+pub fn session(model: &Path, device: Device) -> anyhow::Result<Session> {
+    let rt = ensure(false)?;
+    let mut builder = Session::builder(&rt.env).map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
+    if device == Device::Cuda {
+        builder = with_cuda(builder, rt)?;
+    }
+    builder
+        .commit_from_file(model)
+        .map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}", model.display()))
+}
+
+fn with_cuda(builder: ort::session::builder::SessionBuilder, rt: &Runtime) -> anyhow::Result<ort::session::builder::SessionBuilder> {
+    if !ort::ep::CUDA::is_available().unwrap_or(false) {
+        bail!(
+            "--device cuda: the ONNX Runtime at {} has no CUDA execution provider\n  help: install the GPU build (`pip install onnxruntime-gpu=={ORT_VERSION}`) and set ORT_DYLIB_PATH to its onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}, or run with --device cpu",
+            rt.library.display()
+        );
+    }
+    builder
+        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .map_err(|e| anyhow::anyhow!("--device cuda: cannot start the CUDA execution provider: {e}\n  help: check the CUDA driver and libraries (`patchbay doctor`), or run with --device cpu"))
+}
+
+/// A session for a graph built in memory (graph surgery) whose external weights live in
+/// `weights_dir` (the model directory).
+pub fn session_from_proto(model: &crate::onnx::proto::ModelProto, weights_dir: &Path, device: Device) -> anyhow::Result<Session> {
+    use prost::Message as _;
+    let rt = ensure(false)?;
+    let mut builder = Session::builder(&rt.env)
+        .and_then(|b| {
+            b.with_config_entry("session.model_external_initializers_file_folder_path", weights_dir.to_string_lossy())
+                .map_err(Into::into)
+        })
+        .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
+    if device == Device::Cuda {
+        builder = with_cuda(builder, rt)?;
+    }
+    builder
+        .commit_from_memory(&model.encode_to_vec())
+        .map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load the graph for {}: {e}", weights_dir.display()))
+}
+
+/// Token sequences for one run: `[batch, pos]`, left-padded so the last position of every
+/// row is its final token.
+pub struct Batch {
+    pub input_ids: Vec<i64>,
+    pub position_ids: Vec<i64>,
+    pub attention_mask: Vec<i64>,
+    pub batch: usize,
+    pub pos: usize,
+}
+
+impl Batch {
+    pub fn new(sequences: &[Vec<u32>]) -> Batch {
+        let pos = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut b = Batch { input_ids: vec![], position_ids: vec![], attention_mask: vec![], batch: sequences.len(), pos };
+        for seq in sequences {
+            let pad = pos - seq.len();
+            b.input_ids.extend(std::iter::repeat_n(0, pad).chain(seq.iter().map(|&t| t as i64)));
+            b.position_ids.extend(std::iter::repeat_n(0, pad).chain(0..seq.len() as i64));
+            b.attention_mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, seq.len())));
+        }
+        b
+    }
+}
+
+/// Run a session on a batch and return the named outputs as f32 tensors.
+pub fn run(session: &mut Session, batch: &Batch, outputs: &[&str]) -> anyhow::Result<Vec<crate::import::checkpoint::Tensor>> {
+    use ort::value::Tensor as OrtTensor;
+    let shape = vec![batch.batch as i64, batch.pos as i64];
+    let input = |data: &Vec<i64>| OrtTensor::from_array((shape.clone(), data.clone()));
+    let inputs = ort::inputs![
+        "input_ids" => input(&batch.input_ids)?,
+        "position_ids" => input(&batch.position_ids)?,
+        "attention_mask" => input(&batch.attention_mask)?,
+    ];
+    let result = session.run(inputs).map_err(|e| anyhow::anyhow!("ONNX Runtime run failed: {e}"))?;
+    outputs
+        .iter()
+        .map(|&name| {
+            let value = result.get(name).ok_or_else(|| anyhow::anyhow!("the graph has no output `{name}`"))?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("output `{name}`: {e}"))?;
+            Ok(crate::import::checkpoint::Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        })
+        .collect()
+}

@@ -1,0 +1,234 @@
+//! The abstract syntax tree of a `.bay` file: what was written, with spans, nothing resolved.
+
+use super::diag::Span;
+
+/// A value with the span it was written at.
+#[derive(Debug, Clone)]
+pub struct Spanned<T> {
+    pub node: T,
+    pub span: Span,
+}
+
+impl<T> Spanned<T> {
+    pub fn new(node: T, span: Span) -> Self {
+        Spanned { node, span }
+    }
+}
+
+pub type Ident = Spanned<String>;
+
+/// A parsed file: its statements in order, `include`d files' statements spliced in place.
+#[derive(Debug, Clone, Default)]
+pub struct Ast {
+    pub statements: Vec<Statement>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Statement {
+    pub kind: StatementKind,
+    pub span: Span,
+    /// True when the statement comes from an `include`d file.
+    pub included: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum StatementKind {
+    Include(Spanned<String>),
+    Model { reference: Spanned<String>, device: Option<Ident> },
+    Batch(Spanned<i64>),
+    Pool(Pool),
+    Dataset(Dataset),
+    Corruption { name: Ident, kind: CorruptionKind },
+    Patch(Patch),
+    Metric { name: Ident, kind: Ident, options: Vec<Ident> },
+    Average(Ident),
+    Sweep(Vec<Axis>),
+    Expect(Expect),
+    Output(Spanned<String>),
+    PerPrompt(Spanned<String>),
+    Report(Spanned<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Pool {
+    pub name: Ident,
+    pub source: PoolSource,
+}
+
+#[derive(Debug, Clone)]
+pub enum PoolSource {
+    Inline(Vec<Spanned<String>>),
+    File(Spanned<String>),
+}
+
+/// A pool named, or written inline.
+#[derive(Debug, Clone)]
+pub enum PoolRef {
+    Named(Ident),
+    Inline(Spanned<Vec<Spanned<String>>>),
+}
+
+impl PoolRef {
+    pub fn span(&self) -> &Span {
+        match self {
+            PoolRef::Named(i) => &i.span,
+            PoolRef::Inline(l) => &l.span,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: Ident,
+    pub file: Option<Spanned<String>>,
+    pub items: Vec<DatasetItem>,
+    pub span: Span,
+}
+
+#[derive(Debug, Clone)]
+pub enum DatasetItem {
+    Template(Spanned<String>),
+    Pool(Pool),
+    SlotFrom { slots: Vec<Ident>, pool: PoolRef, distinct: Option<Span>, span: Span },
+    SlotEq { slot: Ident, other: Ident, span: Span },
+    Count(Spanned<i64>),
+    Seed(Spanned<i64>),
+    Answer(Spanned<AnswerSpec>),
+    Wrong(Spanned<AnswerSpec>),
+    Column { role: Spanned<ColumnRole>, column: Ident },
+}
+
+#[derive(Debug, Clone)]
+pub enum ColumnRole {
+    Prompt,
+    Counterfactual,
+    Answer,
+    Wrong,
+    Slot(Ident),
+}
+
+#[derive(Debug, Clone)]
+pub enum AnswerSpec {
+    /// A slot's value.
+    Slot(Ident),
+    /// A literal token text.
+    Literal(Spanned<String>),
+    /// A set of tokens from a pool, optionally filtered numerically against a slot's value.
+    Set { pool: PoolRef, filter: Option<(Spanned<CmpOp>, Ident)> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmpOp {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "!=",
+        }
+    }
+    pub fn holds(self, a: f64, b: f64) -> bool {
+        match self {
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum CorruptionKind {
+    Replace(Vec<(Ident, ReplaceWith)>),
+    Resample { slots: Vec<Ident>, distinct: bool, seed: Option<Spanned<i64>> },
+    Noise { slots: Vec<Ident>, scale: Option<Spanned<f64>>, samples: Option<Spanned<i64>>, seed: Option<Spanned<i64>> },
+    Counterfactual,
+    Ablation { kind: Ident, seed: Option<Spanned<i64>> },
+}
+
+#[derive(Debug, Clone)]
+pub enum ReplaceWith {
+    Slot(Ident),
+    Literal(Spanned<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Patch {
+    pub name: Ident,
+    pub hooks: Vec<Ident>,
+    pub layers: Option<Spanned<Selection>>,
+    pub heads: Option<Spanned<Selection>>,
+    pub positions: Option<Spanned<PositionSel>>,
+    pub window: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub summation: Option<Span>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Selection {
+    All,
+    /// Single values and inclusive ranges, in the order written.
+    Items(Vec<Spanned<SelItem>>),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SelItem {
+    One(i64),
+    Range(i64, i64),
+}
+
+#[derive(Debug, Clone)]
+pub enum PositionSel {
+    /// All positions patched together (the default).
+    All,
+    /// Every position separately.
+    Each,
+    List(Vec<Spanned<Position>>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    End,
+    Index(i64),
+    /// A slot's token: its last (default) or first token.
+    Slot { name: String, first: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct Axis {
+    pub name: Ident,
+    pub values: Vec<Ident>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Expect {
+    pub kind: ExpectKind,
+    pub when: Vec<(Ident, Ident)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExpectKind {
+    Detected { target: Ident, metric: Ident, sd: Option<Spanned<f64>>, includes: bool, components: Vec<Spanned<Component>> },
+    Top { k: Spanned<i64>, target: Ident, metric: Ident, includes: bool, components: Vec<Spanned<Component>> },
+    Effect { target: Ident, component: Spanned<Component>, metric: Ident, op: Spanned<CmpOp>, value: Spanned<f64> },
+}
+
+/// `L9.H9`, `L3`, `L3 @ S2`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Component {
+    pub layer: i64,
+    pub head: Option<i64>,
+    pub position: Option<Position>,
+}
