@@ -262,7 +262,11 @@ impl SynthModel {
         write_safetensors(&dir.join("model.safetensors"), &hf_tensors, dtype)
     }
 
-    // A GGUF writer (`write_gguf`) belongs here once `import::gguf` lands.
+    /// Write a GGUF file (word-level vocabulary) that `GgufCheckpoint` reads back; with
+    /// `GgufTypes::EXACT` every tensor round-trips bit for bit.
+    pub fn write_gguf(&self, path: &Path, types: crate::import::gguf::GgufTypes) -> Result<()> {
+        crate::import::gguf::canonical_to_gguf(path, &self.config, &self.tensors, &self.vocab, &[], types)
+    }
 
     fn llama_hf_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
@@ -301,7 +305,7 @@ impl SynthModel {
     /// GPT-2 uses Conv1D ([in, out]) for its projections and fuses Q, K, V into `c_attn`.
     fn gpt2_hf_tensors(&self) -> Vec<(String, Tensor)> {
         let get = |name: &str| self.tensors[name].clone();
-        let conv = |name: &str| transpose(&self.tensors[name]);
+        let conv = |name: &str| self.tensors[name].transposed();
         let concat = |names: [String; 3]| {
             let parts: Vec<&Tensor> = names.iter().map(|n| &self.tensors[n]).collect();
             let rows = parts.iter().map(|t| t.shape[0]).sum();
@@ -322,7 +326,7 @@ impl SynthModel {
             out.push((format!("{p}.ln_1.weight"), get(&b("ln1.w"))));
             out.push((format!("{p}.ln_1.bias"), get(&b("ln1.b"))));
             let w_qkv = concat([b("attn.W_Q"), b("attn.W_K"), b("attn.W_V")]);
-            out.push((format!("{p}.attn.c_attn.weight"), transpose(&w_qkv)));
+            out.push((format!("{p}.attn.c_attn.weight"), w_qkv.transposed()));
             out.push((
                 format!("{p}.attn.c_attn.bias"),
                 concat([b("attn.b_Q"), b("attn.b_K"), b("attn.b_V")]),
@@ -358,17 +362,6 @@ impl Checkpoint for SynthModel {
     fn tokenizer_json(&self) -> Result<String> {
         Ok(serde_json::to_string_pretty(&self.tokenizer_value())?)
     }
-}
-
-fn transpose(t: &Tensor) -> Tensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    Tensor::new(vec![cols, rows], data)
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

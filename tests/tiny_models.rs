@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use patchbay::import::{self, checkpoint::Tensor, ImportOptions};
+use patchbay::import::{self, checkpoint::Checkpoint, checkpoint::Tensor, gguf, ImportOptions};
 use patchbay::model::{reference, Architecture, ModelDir};
 use patchbay::onnx::surgery;
 use patchbay::runtime::{self, Batch, Device};
@@ -35,9 +35,14 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn assert_matches_reference(model: &SynthModel, dir: &ModelDir) {
+    assert_graph_matches(model, model, dir)
+}
+
+/// The graph in `dir` against the reference forward pass over `weights`.
+fn assert_graph_matches(model: &SynthModel, weights: &dyn Checkpoint, dir: &ModelDir) {
     let tokens = model.encode(PROMPT);
     assert!(!tokens.contains(&0), "the prompt must be in the synthetic vocabulary");
-    let expected = reference::forward(model, &tokens).unwrap();
+    let expected = reference::forward(weights, &tokens).unwrap();
     let (logits, hooks) = run_all_hooks(dir, &[tokens]);
     let diff = max_abs_diff(&logits, &expected.logits);
     assert!(diff < 1e-4, "logits differ by {diff}");
@@ -75,6 +80,33 @@ fn gpt2_from_safetensors_matches_reference() {
     assert_matches_reference(&model, &dir);
 }
 
+#[test]
+fn llama_and_gpt2_from_exact_gguf_match_reference() {
+    for (arch, seed) in [(Architecture::Llama, 4), (Architecture::Gpt2, 5)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = synth::tiny(arch, seed);
+        let file = tmp.path().join("tiny.gguf");
+        model.write_gguf(&file, gguf::GgufTypes::EXACT).unwrap();
+        let dir = import_dir(&file, &tmp.path().join("model"));
+        assert_matches_reference(&model, &dir);
+    }
+}
+
+/// Quantised GGUF (Q8_0 embedding, Q4_1 matrices): the graph agrees with the reference run on
+/// the file's own dequantised weights.
+#[test]
+fn quantised_gguf_matches_reference_on_dequantised_weights() {
+    for (arch, seed) in [(Architecture::Llama, 6), (Architecture::Gpt2, 7)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = synth::tiny(arch, seed);
+        let file = tmp.path().join("tiny.gguf");
+        model.write_gguf(&file, gguf::GgufTypes::default()).unwrap();
+        let dir = import_dir(&file, &tmp.path().join("model"));
+        let weights = gguf::GgufCheckpoint::open(&file).unwrap();
+        assert_graph_matches(&model, &weights, &dir);
+    }
+}
+
 /// Left padding and the attention mask: a short prompt batched with a longer one gives the
 /// same logits as when it runs alone.
 #[test]
@@ -85,8 +117,8 @@ fn padded_batch_rows_match_solo_runs() {
     let dir = import_dir(&tmp.path().join("ckpt"), &tmp.path().join("model"));
     let long = model.encode(PROMPT);
     let short = model.encode("Mary gave a ball to");
-    let (batched, _) = run_all_hooks(&dir, &[long.clone(), short.clone()]);
-    let (solo, _) = run_all_hooks(&dir, &[short.clone()]);
+    let (batched, _) = run_all_hooks(&dir, &[long, short.clone()]);
+    let (solo, _) = run_all_hooks(&dir, &[short]);
     let vocab = model.config.vocab_size;
     let last_row = |t: &Tensor, row: usize| {
         let pos = t.shape[1];

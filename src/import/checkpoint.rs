@@ -39,6 +39,18 @@ impl Tensor {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor { shape, data }
     }
+
+    /// A matrix `[rows, cols]` as `[cols, rows]`.
+    pub fn transposed(&self) -> Tensor {
+        let (rows, cols) = (self.shape[0], self.shape[1]);
+        let mut data = vec![0.0; self.data.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                data[c * rows + r] = self.data[r * cols + c];
+            }
+        }
+        Tensor::new(vec![cols, rows], data)
+    }
 }
 
 /// A checkpoint opened for import. Tensors are produced on demand, one at a time, so that large

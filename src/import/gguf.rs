@@ -7,7 +7,7 @@
 //! alignment (`general.alignment`, default 32), then the tensor data; each tensor's offset is
 //! relative to the start of the data and aligned.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -276,7 +276,7 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         if n > (self.remaining() / min_size.max(1)) as u64 {
             bail!(
-                "GGUF file is corrupt: {what} at offset {at} is {n}, more than the remaining {} bytes can hold",
+                "GGUF file is truncated or corrupt: {what} at offset {at} is {n}, more than the remaining {} bytes can hold",
                 self.remaining()
             );
         }
@@ -309,18 +309,23 @@ impl<'a> Cursor<'a> {
                 match self.array::<1>(what)?[0] {
                     0 => MetaValue::Bool(false),
                     1 => MetaValue::Bool(true),
-                    b => bail!("GGUF file is corrupt: {what} at offset {at} is a bool with byte {b}"),
+                    b => {
+                        bail!("GGUF file is corrupt: {what} at offset {at} is a bool with byte {b}")
+                    }
                 }
             }
             MetaType::String => MetaValue::String(self.string(what)?),
             MetaType::Array => {
                 let at = self.pos;
                 if depth >= MAX_ARRAY_NESTING {
-                    bail!("GGUF file is corrupt: {what} at offset {at} nests arrays more than {MAX_ARRAY_NESTING} deep");
+                    bail!(
+                        "GGUF file is corrupt: {what} at offset {at} nests arrays more than {MAX_ARRAY_NESTING} deep"
+                    );
                 }
                 let elem = self.meta_type(&format!("element type of {what}"))?;
                 let n = self.count(&format!("length of {what}"), elem.min_size())?;
-                let mut items = Vec::with_capacity(n);
+                // Capacity grows with what is really there, not with what the count claims.
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(elem, key, depth + 1)?);
                 }
@@ -332,8 +337,9 @@ impl<'a> Cursor<'a> {
     fn meta_type(&mut self, what: &str) -> Result<MetaType> {
         let at = self.pos;
         let id = self.u32(what)?;
-        MetaType::from_id(id)
-            .ok_or_else(|| anyhow::anyhow!("GGUF file is corrupt: {what} at offset {at} is {id}, not a GGUF value type"))
+        MetaType::from_id(id).ok_or_else(|| {
+            anyhow::anyhow!("GGUF file is corrupt: {what} at offset {at} is {id}, not a GGUF value type")
+        })
     }
 }
 
@@ -347,14 +353,18 @@ pub fn parse(bytes: &[u8]) -> Result<GgufLayout> {
     let version = c.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => bail!("GGUF version 1 is not supported (only 2 and 3)\n  help: re-convert the model with a current llama.cpp"),
-        v if v.swap_bytes() <= 3 => bail!("this GGUF file is big-endian; patchbay reads little-endian GGUF only"),
+        1 => bail!(
+            "GGUF version 1 is not supported (only 2 and 3)\n  help: re-convert the model with a current llama.cpp"
+        ),
+        v if matches!(v.swap_bytes(), 2 | 3) => {
+            bail!("this GGUF file is big-endian; patchbay reads little-endian GGUF only")
+        }
         v => bail!("GGUF version {v} is not supported (only 2 and 3)"),
     }
     let n_tensors = c.count("tensor count", 24)?;
     let n_kv = c.count("metadata count", 13)?;
 
-    let mut metadata: Vec<(String, MetaValue)> = Vec::with_capacity(n_kv);
+    let mut metadata: Vec<(String, MetaValue)> = Vec::new();
     let mut seen = HashMap::new();
     for i in 0..n_kv {
         let at = c.pos;
@@ -375,7 +385,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufLayout> {
         },
     };
 
-    let mut infos = Vec::with_capacity(n_tensors);
+    let mut infos = Vec::new();
     for i in 0..n_tensors {
         let name = c.string(&format!("name of tensor #{i}"))?;
         let at = c.pos;
@@ -393,17 +403,17 @@ pub fn parse(bytes: &[u8]) -> Result<GgufLayout> {
     }
     let data_offset = (c.pos as u64).next_multiple_of(alignment);
 
-    let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(n_tensors);
-    let mut names = HashMap::new();
+    let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(infos.len());
+    let mut names = HashSet::new();
     for (name, dims, type_id, rel, at) in infos {
-        if names.insert(name.clone(), ()).is_some() {
+        if !names.insert(name.clone()) {
             bail!("GGUF file is corrupt: tensor {name} is listed twice");
         }
         let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let Some(n_elements) = n_elements.filter(|&n| n < 1 << 50) else {
             bail!("GGUF file is corrupt: tensor {name} has absurd dimensions {dims:?} (offset {at})");
         };
-        if rel % alignment != 0 {
+        if !rel.is_multiple_of(alignment) {
             bail!("GGUF file is corrupt: tensor {name} has data offset {rel}, not a multiple of the alignment {alignment}");
         }
         let offset = data_offset
@@ -418,7 +428,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufLayout> {
         let n_bytes = match quant::block_geometry(type_id) {
             None => None,
             Some((block, size)) => {
-                if dims[0] % block as u64 != 0 {
+                if !dims[0].is_multiple_of(block as u64) {
                     bail!(
                         "GGUF file is corrupt: tensor {name} has rows of {} elements, not a whole number of {} blocks ({block} elements)",
                         dims[0],
@@ -523,7 +533,9 @@ impl GgufFile {
     /// The tensor `name` decoded to f32 in row-major shape; `Ok(None)` when the file has no such
     /// tensor, an error when its type cannot be imported.
     pub fn read_tensor(&self, name: &str) -> Result<Option<Tensor>> {
-        let Some(info) = self.tensor_info(name) else { return Ok(None) };
+        let Some(info) = self.tensor_info(name) else {
+            return Ok(None);
+        };
         let ty = quant::supported_type(name, info.type_id)?;
         // Sizes were validated against the file length in `parse`.
         let n_bytes = info.n_bytes.expect("supported types have known sizes") as usize;
@@ -547,7 +559,7 @@ impl GgufTensorData {
     /// Encode an f32 tensor as `ty` (see [`quant::quantize`] for the types offered).
     pub fn encode(name: &str, tensor: &Tensor, ty: GgmlType) -> Result<GgufTensorData> {
         let row = tensor.shape.last().copied().unwrap_or(1);
-        if row % ty.block_size() != 0 {
+        if !row.is_multiple_of(ty.block_size()) {
             bail!("tensor {name} has rows of {row} elements, not a whole number of {ty} blocks");
         }
         let data = quant::quantize(ty, &tensor.data).with_context(|| format!("cannot encode tensor {name}"))?;
@@ -608,7 +620,13 @@ pub fn write_gguf_to(w: &mut impl Write, metadata: &[(String, MetaValue)], tenso
     for t in tensors {
         let n: usize = t.shape.iter().product();
         if t.shape.is_empty() || t.shape.len() > MAX_DIMS as usize || t.ty.n_bytes(n) != Some(t.data.len()) {
-            bail!("tensor {} ({}, shape {:?}) has {} bytes of data, which does not fit", t.name, t.ty, t.shape, t.data.len());
+            bail!(
+                "tensor {} ({}, shape {:?}) has {} bytes of data, which does not fit",
+                t.name,
+                t.ty,
+                t.shape,
+                t.data.len()
+            );
         }
     }
 
@@ -660,9 +678,7 @@ fn family(arch: &str) -> Result<Family> {
         "llama" | "mistral" => Family::LlamaPermuted,
         "qwen2" => Family::Llama,
         "gpt2" => Family::Gpt2,
-        other => bail!(
-            "GGUF architecture `{other}` is not supported; patchbay imports: {SUPPORTED_ARCHITECTURES}"
-        ),
+        other => bail!("GGUF architecture `{other}` is not supported; patchbay imports: {SUPPORTED_ARCHITECTURES}"),
     })
 }
 
@@ -676,7 +692,10 @@ fn config_from(file: &GgufFile) -> Result<(ModelConfig, Family)> {
     let need = |k: &str| -> Result<usize> {
         let k = key(k);
         let v = file.get_u64(&k)?.ok_or_else(|| anyhow::anyhow!("GGUF metadata has no `{k}`"))?;
-        usize::try_from(v).ok().filter(|&v| v > 0 && v < 1 << 32).ok_or_else(|| anyhow::anyhow!("GGUF metadata `{k}` = {v} is out of range"))
+        usize::try_from(v)
+            .ok()
+            .filter(|&v| v > 0 && v < 1 << 32)
+            .ok_or_else(|| anyhow::anyhow!("GGUF metadata `{k}` = {v} is out of range"))
     };
     let n_layers = need("block_count")?;
     let d_model = need("embedding_length")?;
@@ -685,12 +704,12 @@ fn config_from(file: &GgufFile) -> Result<(ModelConfig, Family)> {
         Some(n) => n as usize,
         None => n_heads,
     };
-    if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!("GGUF metadata: {n_heads} attention heads cannot be shared among {n_kv_heads} key/value heads");
     }
     let d_head = match file.get_u64(&key("attention.key_length"))? {
         Some(n) => n as usize,
-        None if d_model % n_heads == 0 => d_model / n_heads,
+        None if d_model.is_multiple_of(n_heads) => d_model / n_heads,
         None => bail!("GGUF metadata: embedding_length {d_model} is not divisible by head_count {n_heads}"),
     };
     if family != Family::Gpt2 {
@@ -702,7 +721,8 @@ fn config_from(file: &GgufFile) -> Result<(ModelConfig, Family)> {
     }
     let d_mlp = need("feed_forward_length")?;
     let n_ctx = need("context_length")?;
-    let eps_key = key(if family == Family::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" });
+    let eps_key =
+        key(if family == Family::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" });
     let norm_eps = file.get_f64(&eps_key)?.ok_or_else(|| anyhow::anyhow!("GGUF metadata has no `{eps_key}`"))? as f32;
     let rope_theta = match family {
         Family::Gpt2 => None,
@@ -827,8 +847,7 @@ pub struct GgufCheckpoint {
 impl GgufCheckpoint {
     pub fn open(path: &Path) -> Result<GgufCheckpoint> {
         let file = GgufFile::open(path)?;
-        let (config, family) =
-            config_from(&file).with_context(|| format!("cannot import {}", path.display()))?;
+        let (config, family) = config_from(&file).with_context(|| format!("cannot import {}", path.display()))?;
         Ok(GgufCheckpoint { file, config, family })
     }
 
@@ -849,7 +868,7 @@ impl GgufCheckpoint {
         Ok(Some(match src {
             Source::Plain(_) => t,
             Source::Permuted(_, n_heads) => {
-                if n_rows % (2 * n_heads) != 0 {
+                if !n_rows.is_multiple_of(2 * n_heads) {
                     bail!("GGUF tensor {gguf} has {n_rows} rows, not an even number per head for {n_heads} heads");
                 }
                 Tensor::new(t.shape.clone(), unpermute_rope_rows(&t.data, n_heads, row_len))
@@ -858,7 +877,10 @@ impl GgufCheckpoint {
                 let c = &self.config;
                 let sizes = [c.n_heads * c.d_head, c.n_kv_heads * c.d_head, c.n_kv_heads * c.d_head];
                 if n_rows != sizes.iter().sum::<usize>() {
-                    bail!("GGUF tensor {gguf} has {n_rows} rows, expected {} (Q, K and V rows)", sizes.iter().sum::<usize>());
+                    bail!(
+                        "GGUF tensor {gguf} has {n_rows} rows, expected {} (Q, K and V rows)",
+                        sizes.iter().sum::<usize>()
+                    );
                 }
                 let start: usize = sizes[..part].iter().sum();
                 let data = t.data[start * row_len..(start + sizes[part]) * row_len].to_vec();
@@ -919,9 +941,9 @@ impl Default for GgufTypes {
 ///   optional biases may be; `unembed.W_U` is ignored when `config.tied_embeddings`. Unknown
 ///   names are an error (they would be silently dropped otherwise).
 /// - `vocab`: token strings by id, `config.vocab_size` of them. With empty `merges` this is a
-///   word-level vocabulary (must contain `<unk>`; tokens like `<bos>` become special tokens),
-///   written under our own `tokenizer.ggml.model = "patchbay-word"`; with merges it is a GPT-2
-///   byte-level BPE vocabulary (`"a b"` merge strings).
+///   word-level vocabulary (must contain `<unk>`), written under our own
+///   `tokenizer.ggml.model = "patchbay-word"`; with merges it is a GPT-2 byte-level BPE
+///   vocabulary (`"a b"` merge strings).
 ///
 /// llama Q/K rows are permuted to llama.cpp's interleaved order; GPT-2's Q, K and V are fused
 /// into `attn_qkv`.
@@ -937,8 +959,8 @@ pub fn canonical_to_gguf(
     if vocab.len() != c.vocab_size {
         bail!("vocabulary has {} tokens but the config says vocab_size {}", vocab.len(), c.vocab_size);
     }
-    if c.n_heads * c.d_head % 2 != 0 || c.d_head % 2 != 0 {
-        bail!("d_head {} must be even", c.d_head);
+    if c.architecture == Architecture::Llama && !c.d_head.is_multiple_of(2) {
+        bail!("d_head {} must be even for rotary embeddings", c.d_head);
     }
     let family = match c.architecture {
         Architecture::Llama => Family::LlamaPermuted,
@@ -959,7 +981,8 @@ pub fn canonical_to_gguf(
         expected.push(("pos_embed.W_pos".into(), vec![c.n_ctx, c.d_model], true));
     }
     for l in 0..c.n_layers {
-        let mut add = |n: &str, shape: Vec<usize>, required: bool| expected.push((format!("blocks.{l}.{n}"), shape, required));
+        let mut add =
+            |n: &str, shape: Vec<usize>, required: bool| expected.push((format!("blocks.{l}.{n}"), shape, required));
         add("ln1.w", vec![c.d_model], true);
         add("ln2.w", vec![c.d_model], true);
         add("ln1.b", vec![c.d_model], gpt2);
@@ -1031,7 +1054,7 @@ pub fn canonical_to_gguf(
             (_, "token_embd.weight" | "position_embd.weight") => types.embed,
             _ => types.matrices,
         };
-        let ty = if t.shape[t.shape.len() - 1] % wanted.block_size() == 0 { wanted } else { GgmlType::F32 };
+        let ty = if t.shape[t.shape.len() - 1].is_multiple_of(wanted.block_size()) { wanted } else { GgmlType::F32 };
         encoded.push(GgufTensorData::encode(name, t, ty)?);
     }
 
@@ -1167,8 +1190,10 @@ mod tests {
                 assert!(msg.contains("truncated") || msg.contains("corrupt"), "{len}: {msg}");
             }
         }
-        let msg = parse_err(&bytes[..30]);
-        assert!(msg.contains("truncated") && msg.contains("offset 24"), "{msg}");
+        // One key/value, no tensors: cut inside the length of the value string (offset 56).
+        let one = bytes_of(&small_file().0[..1], &[]);
+        let msg = parse_err(&one[..60]);
+        assert!(msg.contains("truncated") && msg.contains("offset 56"), "{msg}");
         // Cut inside the last tensor's data.
         let msg = parse_err(&bytes[..bytes.len() - 40]);
         assert!(msg.contains("tensor t2") && msg.contains("truncated"), "{msg}");
@@ -1262,10 +1287,8 @@ mod tests {
         let c = config;
         let gpt2 = c.architecture == Architecture::Gpt2;
         let (q, kv) = (c.n_heads * c.d_head, c.n_kv_heads * c.d_head);
-        let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("embed.W_E".into(), vec![c.vocab_size, c.d_model]),
-            ("ln_final.w".into(), vec![c.d_model]),
-        ];
+        let mut shapes: Vec<(String, Vec<usize>)> =
+            vec![("embed.W_E".into(), vec![c.vocab_size, c.d_model]), ("ln_final.w".into(), vec![c.d_model])];
         if !c.tied_embeddings {
             shapes.push(("unembed.W_U".into(), vec![c.vocab_size, c.d_model]));
         }
@@ -1287,7 +1310,9 @@ mod tests {
                 for (n, d) in [("ln1.b", c.d_model), ("ln2.b", c.d_model), ("attn.b_Q", q), ("attn.b_K", kv)] {
                     add(n, vec![d]);
                 }
-                for (n, d) in [("attn.b_V", kv), ("attn.b_O", c.d_model), ("mlp.b_in", c.d_mlp), ("mlp.b_out", c.d_model)] {
+                for (n, d) in
+                    [("attn.b_V", kv), ("attn.b_O", c.d_model), ("mlp.b_in", c.d_mlp), ("mlp.b_out", c.d_model)]
+                {
                     add(n, vec![d]);
                 }
             } else {

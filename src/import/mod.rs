@@ -52,7 +52,7 @@ pub fn open_checkpoint(source: &Path) -> anyhow::Result<Box<dyn Checkpoint>> {
     let mut magic = [0u8; 4];
     let mut file = std::fs::File::open(source).with_context(|| format!("cannot open {}", source.display()))?;
     if file.read_exact(&mut magic).is_ok() && &magic == b"GGUF" {
-        bail!("GGUF import lands with the GGUF reader"); // WIRE: gguf::GgufCheckpoint::open(source)
+        return Ok(Box::new(gguf::GgufCheckpoint::open(source)?));
     }
     bail!(
         "{} is neither a GGUF file (no GGUF magic) nor a checkpoint folder\n  help: pass a .gguf file or a Hugging Face checkpoint folder",

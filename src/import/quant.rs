@@ -126,22 +126,18 @@ impl GgmlType {
 
     /// Elements per block.
     pub fn block_size(self) -> usize {
-        block_geometry(self.id())
-            .expect("supported types are known")
-            .0
+        block_geometry(self.id()).expect("supported types are known").0
     }
 
     /// Bytes per block.
     pub fn type_size(self) -> usize {
-        block_geometry(self.id())
-            .expect("supported types are known")
-            .1
+        block_geometry(self.id()).expect("supported types are known").1
     }
 
     /// Bytes needed for `n_elements`, or `None` when `n_elements` is not a whole number of blocks
     /// (or overflows).
     pub fn n_bytes(self, n_elements: usize) -> Option<usize> {
-        if n_elements % self.block_size() != 0 {
+        if !n_elements.is_multiple_of(self.block_size()) {
             return None;
         }
         (n_elements / self.block_size()).checked_mul(self.type_size())
@@ -170,28 +166,20 @@ pub fn supported_type(tensor: &str, id: u32) -> Result<GgmlType> {
 /// Decode `n_elements` values of type `ty` from `bytes` (which must hold exactly that many).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n_elements: usize) -> Result<Vec<f32>> {
     let Some(expected) = ty.n_bytes(n_elements) else {
-        bail!(
-            "{n_elements} elements are not a whole number of {ty} blocks ({} elements each)",
-            ty.block_size()
-        );
+        bail!("{n_elements} elements are not a whole number of {ty} blocks ({} elements each)", ty.block_size());
     };
     if bytes.len() != expected {
-        bail!(
-            "{n_elements} {ty} elements need {expected} bytes, got {}",
-            bytes.len()
-        );
+        bail!("{n_elements} {ty} elements need {expected} bytes, got {}", bytes.len());
     }
     let mut out = vec![0f32; n_elements];
     // Blocks are independent; big tensors (an embedding is ~28M values) decode in parallel.
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let chunk_blocks = (16384 / bs).max(1);
-    out.par_chunks_mut(bs * chunk_blocks)
-        .zip(bytes.par_chunks(ts * chunk_blocks))
-        .for_each(|(y, x)| {
-            for (y, x) in y.chunks_exact_mut(bs).zip(x.chunks_exact(ts)) {
-                decode_block(ty, x, y);
-            }
-        });
+    out.par_chunks_mut(bs * chunk_blocks).zip(bytes.par_chunks(ts * chunk_blocks)).for_each(|(y, x)| {
+        for (y, x) in y.chunks_exact_mut(bs).zip(x.chunks_exact(ts)) {
+            decode_block(ty, x, y);
+        }
+    });
     Ok(out)
 }
 
@@ -237,10 +225,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -288,12 +273,8 @@ fn decode_q6_k(x: &[u8], y: &mut [f32]) {
 /// quantisers of llama.cpp (`quantize_row_q8_0_ref`, `_q4_0_ref`, `_q4_1_ref`), bit for bit.
 /// K-quants need llama.cpp's iterative search and are not offered.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
-    if values.len() % ty.block_size() != 0 {
-        bail!(
-            "{} values are not a whole number of {ty} blocks ({} elements each)",
-            values.len(),
-            ty.block_size()
-        );
+    if !values.len().is_multiple_of(ty.block_size()) {
+        bail!("{} values are not a whole number of {ty} blocks ({} elements each)", values.len(), ty.block_size());
     }
     let mut out = Vec::with_capacity(ty.n_bytes(values.len()).unwrap_or(0));
     for x in values.chunks_exact(ty.block_size()) {
@@ -377,23 +358,14 @@ mod tests {
 
     /// Fixtures from `tests/fixtures/quant/make_fixtures.py` (gguf-py's reference quants).
     fn fixture(name: &str) -> Fixture {
-        let path = format!(
-            "{}/tests/fixtures/quant/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{}/tests/fixtures/quant/{name}.json", env!("CARGO_MANIFEST_DIR"));
         let text = std::fs::read_to_string(&path).unwrap();
         let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
         let floats = |v: &serde_json::Value| -> Vec<f32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
+            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
         };
         let hex = doc["blocks_hex"].as_str().unwrap();
-        let blocks = (0..hex.len() / 2)
-            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-            .collect();
+        let blocks = (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
         let ty_name = doc["type"].as_str().unwrap();
         Fixture {
             ty: *GgmlType::ALL.iter().find(|t| t.name() == ty_name).unwrap(),
@@ -429,17 +401,11 @@ mod tests {
 
     #[test]
     fn quantize_round_trip_error_is_bounded() {
-        let x: Vec<f32> = (0..1024)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-            .collect();
+        let x: Vec<f32> = (0..1024).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
         // Worst-case error as a fraction of the block's largest magnitude: half a step for Q8_0
         // and Q4_1 (whose steps are amax/127 and at most 2·amax/15), a whole step for Q4_0 (the
         // extreme opposite in sign to the largest value clamps from +8 to +7).
-        for (ty, frac) in [
-            (GgmlType::Q8_0, 0.5 / 127.0),
-            (GgmlType::Q4_0, 1.0 / 8.0),
-            (GgmlType::Q4_1, 1.0 / 15.0),
-        ] {
+        for (ty, frac) in [(GgmlType::Q8_0, 0.5 / 127.0), (GgmlType::Q4_0, 1.0 / 8.0), (GgmlType::Q4_1, 1.0 / 15.0)] {
             let bytes = quantize(ty, &x).unwrap();
             assert_eq!(bytes.len(), ty.n_bytes(x.len()).unwrap());
             let y = dequantize(ty, &bytes, x.len()).unwrap();
@@ -483,14 +449,9 @@ mod tests {
 
     #[test]
     fn unsupported_type_error_names_tensor_and_type() {
-        let err = supported_type("blk.0.attn_q.weight", 13)
-            .unwrap_err()
-            .to_string();
+        let err = supported_type("blk.0.attn_q.weight", 13).unwrap_err().to_string();
         assert!(err.contains("blk.0.attn_q.weight has type Q5_K"), "{err}");
-        assert!(
-            err.contains("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K"),
-            "{err}"
-        );
+        assert!(err.contains("supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K"), "{err}");
     }
 
     #[test]

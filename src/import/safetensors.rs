@@ -243,7 +243,7 @@ impl HfCheckpoint {
         let conv_weight = |suffix: &str, d_in: usize, d_out: usize| -> Result<Tensor> {
             let t = self.load_required(&hf(&format!("{p}.{suffix}")))?;
             expect_shape(&format!("{p}.{suffix}"), &t, &[d_in, d_out])?;
-            Ok(transpose(&t))
+            Ok(t.transposed())
         };
         // c_attn fuses Q, K and V along its output axis: [d, 3d] -> rows `part*d..(part+1)*d`.
         let qkv_part = |part: usize| -> Result<Option<Tensor>> {
@@ -321,18 +321,6 @@ fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Transpose a 2-D tensor.
-fn transpose(t: &Tensor) -> Tensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    Tensor::new(vec![cols, rows], data)
 }
 
 /// The `.safetensors` files to open: the shards named by the index, else every `*.safetensors`.

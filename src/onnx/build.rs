@@ -84,7 +84,7 @@ pub fn build(ckpt: &dyn Checkpoint, data: &mut ExternalData, progress: &Progress
 pub fn weight_count(config: &ModelConfig) -> u64 {
     // Optional biases count too: they tick the bar whether present or not.
     let (per_block, global) = match config.architecture {
-        Architecture::Llama => (12, 3),
+        Architecture::Llama => (13, 3),
         Architecture::Gpt2 => (16, 5),
     };
     (per_block * config.n_layers + global) as u64
@@ -94,9 +94,9 @@ fn validate(c: &ModelConfig) -> anyhow::Result<()> {
     let ok = c.n_layers > 0
         && c.n_heads > 0
         && c.n_kv_heads > 0
-        && c.n_heads % c.n_kv_heads == 0
+        && c.n_heads.is_multiple_of(c.n_kv_heads)
         && c.d_head > 0
-        && c.d_head % 2 == 0
+        && c.d_head.is_multiple_of(2)
         && c.d_model > 0
         && c.d_mlp > 0
         && c.vocab_size > 0
@@ -107,16 +107,12 @@ fn validate(c: &ModelConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Row-major [rows, cols] -> [cols, rows]: canonical `[out, in]` weights become MatMul's `[in, out]`.
-fn transposed(t: &Tensor) -> Tensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
-    let mut data = vec![0.0; t.data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
-        }
-    }
-    Tensor::new(vec![cols, rows], data)
+/// The shape `x.shape[..keep_front] ++ middle ++ x.shape[resume..]`, computed in the graph so
+/// that dynamic axes (batch, query and key positions) pass through whatever their sizes.
+fn reshape_keeping_ends(g: &mut Graph, scope: &str, x: &str, keep_front: i64, middle: &str, resume: i64) -> String {
+    let front = g.op(scope, "Shape", &[x], vec![attr_int("start", 0), attr_int("end", keep_front)]);
+    let back = g.op(scope, "Shape", &[x], vec![attr_int("start", resume)]);
+    g.op(scope, "Concat", &[&front, middle, &back], vec![attr_int("axis", 0)])
 }
 
 impl Builder<'_> {
@@ -134,7 +130,8 @@ impl Builder<'_> {
     /// A linear layer's weight `[out, in]`, stored transposed for MatMul.
     fn linear_weight(&mut self, name: &str, out: usize, inp: usize) -> anyhow::Result<String> {
         let t = required(self.ckpt, name, &[out, inp])?;
-        self.store(name, &transposed(&t))
+        // Canonical `[out, in]` becomes MatMul's `[in, out]`.
+        self.store(name, &t.transposed())
     }
 
     fn optional_weight(&mut self, name: &str, shape: &[usize]) -> anyhow::Result<Option<String>> {
@@ -305,11 +302,13 @@ impl Builder<'_> {
         let scores = g.op(&s, "MatMul", &[&q, &k], vec![]);
         let scale = g.scalar_f32(&format!("const.attn_scale_{dh}"), 1.0 / (c.d_head as f32).sqrt());
         let scores = g.op(&s, "Mul", &[&scores, &scale], vec![]);
-        let by_head = g.const_i64(&format!("const.shape_scores_{h}"), &[0, h, -1, 0]);
+        let heads_axis = g.const_i64(&format!("const.heads_{h}"), &[h]);
+        let by_head = reshape_keeping_ends(g, &s, &scores, 1, &heads_axis, 3);
         let scores = g.op(&s, "Reshape", &[&scores, &by_head], vec![]);
         let scores = g.op(&s, "Add", &[&scores, &ctx.attn_bias], vec![]);
         let pattern = g.op_named("Softmax", &[&scores], &format!("{s}.hook_pattern"), vec![attr_int("axis", -1)]);
-        let grouped_pattern = g.const_i64(&format!("const.shape_grouped_pattern_{kv}_{group}"), &[0, kv, group, -1, 0]);
+        let groups_axes = g.const_i64(&format!("const.groups_{kv}_{group}"), &[kv, group]);
+        let grouped_pattern = reshape_keeping_ends(g, &s, &pattern, 1, &groups_axes, 2);
         let pattern5 = g.op(&s, "Reshape", &[&pattern, &grouped_pattern], vec![]);
         let z = g.op(&s, "MatMul", &[&pattern5, &v], vec![]);
         let by_head = g.const_i64(&format!("const.shape_z_{h}_{dh}"), &[0, h, -1, dh]);
@@ -318,7 +317,11 @@ impl Builder<'_> {
         let flat = g.const_i64(&format!("const.shape_flat_{}", h * dh), &[0, 0, h * dh]);
         let z_flat = g.op(&s, "Reshape", &[&z, &flat], vec![]);
         let w_o = self.linear_weight(&format!("{s}.W_O"), c.d_model, c.n_heads * c.d_head)?;
-        let b_o = if gpt2 { Some(self.weight(&format!("{s}.b_O"), &[c.d_model])?) } else { None };
+        let b_o = if gpt2 {
+            Some(self.weight(&format!("{s}.b_O"), &[c.d_model])?)
+        } else {
+            self.optional_weight(&format!("{s}.b_O"), &[c.d_model])?
+        };
         let attn_out = self.linear(&s, &z_flat, &w_o, b_o.as_deref(), Some(&format!("{p}.hook_attn_out")));
         let resid_mid = self.graph.op_named("Add", &[resid_pre, &attn_out], &format!("{p}.hook_resid_mid"), vec![]);
 

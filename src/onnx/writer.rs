@@ -15,8 +15,8 @@ pub struct ExternalData {
     offset: u64,
 }
 
-/// Offsets are aligned so ONNX Runtime can memory-map tensors.
-const ALIGN: u64 = 64;
+/// Page-aligned offsets let ONNX Runtime memory-map the tensors instead of copying them.
+const ALIGN: u64 = 4096;
 
 impl ExternalData {
     pub fn create(path: &Path) -> anyhow::Result<ExternalData> {
