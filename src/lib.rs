@@ -9,10 +9,10 @@
 pub mod check;
 pub mod import;
 pub mod model;
+pub mod onnx;
 pub mod plan;
 pub mod predict;
 pub mod runtime;
 pub mod setup;
-pub mod synth;
 pub mod syntax;
-pub mod onnx;
+pub mod synth;

@@ -50,6 +50,20 @@ enum Command {
         #[arg(long, default_value = "cpu")]
         device: Device,
     },
+    /// Parse and check experiment files against their model (no model run).
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Override the device the experiment names.
+        #[arg(long)]
+        device: Option<Device>,
+    },
+    /// Print the compiled execution plan of an experiment.
+    Plan {
+        file: PathBuf,
+        #[arg(long)]
+        device: Option<Device>,
+    },
     /// Show the ONNX Runtime found, its execution providers, and the models available.
     Doctor,
 }
@@ -97,6 +111,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        Command::Check { files, device } => patchbay::check::command(&files, device.map(|d| d.to_string()).as_deref()),
+        Command::Plan { file, device } => patchbay::plan::command(&file, device.map(|d| d.to_string()).as_deref()),
         Command::Doctor => doctor(),
     }
 }
@@ -113,7 +129,13 @@ fn print_csv(prediction: &predict::Prediction) -> anyhow::Result<()> {
     let mut w = csv::Writer::from_writer(std::io::stdout());
     w.write_record(["rank", "token_id", "token", "probability", "logit"])?;
     for (rank, c) in prediction.candidates.iter().enumerate() {
-        w.write_record([(rank + 1).to_string(), c.token_id.to_string(), c.token.clone(), format!("{:.6}", c.probability), c.logit.to_string()])?;
+        w.write_record([
+            (rank + 1).to_string(),
+            c.token_id.to_string(),
+            c.token.clone(),
+            format!("{:.6}", c.probability),
+            c.logit.to_string(),
+        ])?;
     }
     w.flush()?;
     Ok(())

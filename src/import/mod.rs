@@ -99,12 +99,20 @@ pub fn import(opts: &ImportOptions) -> anyhow::Result<Outcome> {
     Ok(Outcome::Imported)
 }
 
-fn write_model_dir(ckpt: &dyn Checkpoint, dir: &Path, name: &str, source: &Path, sha256: String, quiet: bool) -> anyhow::Result<()> {
+fn write_model_dir(
+    ckpt: &dyn Checkpoint,
+    dir: &Path,
+    name: &str,
+    source: &Path,
+    sha256: String,
+    quiet: bool,
+) -> anyhow::Result<()> {
     let config = ckpt.config().clone();
 
     // Tokenizer first: it is cheap, and a model without one is useless.
     let tokenizer = ckpt.tokenizer_json()?;
-    let parsed: tokenizers::Tokenizer = tokenizer.parse().map_err(|e| anyhow::anyhow!("the checkpoint's tokenizer is not valid: {e}"))?;
+    let parsed: tokenizers::Tokenizer =
+        tokenizer.parse().map_err(|e| anyhow::anyhow!("the checkpoint's tokenizer is not valid: {e}"))?;
     let tokenizer_vocab = parsed.get_vocab_size(true);
     if tokenizer_vocab > config.vocab_size {
         bail!(

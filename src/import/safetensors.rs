@@ -20,12 +20,8 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// `config.json` `architectures[0]` values we can import.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "GPT2LMHeadModel",
-];
+pub const SUPPORTED_ARCHITECTURES: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"];
 
 /// An opened Hugging Face checkpoint folder.
 pub struct HfCheckpoint {
@@ -57,10 +53,7 @@ struct Entry {
 impl HfCheckpoint {
     pub fn open(dir: &Path) -> Result<HfCheckpoint> {
         if !dir.is_dir() {
-            bail!(
-                "{} is not a directory (expected a Hugging Face checkpoint folder)",
-                dir.display()
-            );
+            bail!("{} is not a directory (expected a Hugging Face checkpoint folder)", dir.display());
         }
         // Checked first: without the model's own tokenizer, the import is useless.
         if !dir.join(TOKENIZER_FILE).is_file() {
@@ -71,30 +64,18 @@ impl HfCheckpoint {
             );
         }
         let config_path = dir.join(CONFIG_FILE);
-        let config_text = std::fs::read_to_string(&config_path).with_context(|| {
-            format!(
-                "cannot read {} (a Hugging Face checkpoint needs one)",
-                config_path.display()
-            )
-        })?;
+        let config_text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("cannot read {} (a Hugging Face checkpoint needs one)", config_path.display()))?;
         let json: Value = serde_json::from_str(&config_text)
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-        let config =
-            parse_config(&json).with_context(|| format!("in {}", config_path.display()))?;
+        let config = parse_config(&json).with_context(|| format!("in {}", config_path.display()))?;
 
-        let mut ckpt = HfCheckpoint {
-            dir: dir.to_path_buf(),
-            config,
-            files: Vec::new(),
-            tensors: HashMap::new(),
-        };
+        let mut ckpt = HfCheckpoint { dir: dir.to_path_buf(), config, files: Vec::new(), tensors: HashMap::new() };
         for path in weight_files(dir)? {
             ckpt.add_file(&path)?;
         }
         ckpt.check_index()?;
-        if ckpt.config.architecture == Architecture::Llama
-            && !ckpt.tensors.contains_key("lm_head.weight")
-        {
+        if ckpt.config.architecture == Architecture::Llama && !ckpt.tensors.contains_key("lm_head.weight") {
             // Some checkpoints tie the unembedding without saying so; HF then reuses the embedding.
             ckpt.config.tied_embeddings = true;
         }
@@ -112,26 +93,17 @@ impl HfCheckpoint {
         let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         // SAFETY: the mapping is read-only; like every mmap-based loader we assume the file is not
         // truncated or rewritten while patchbay runs.
-        let mmap = unsafe { Mmap::map(&file) }
-            .with_context(|| format!("cannot memory-map {}", path.display()))?;
-        let (data_start, entries) = parse_header(&mmap)
-            .with_context(|| format!("invalid safetensors file {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
+        let (data_start, entries) =
+            parse_header(&mmap).with_context(|| format!("invalid safetensors file {}", path.display()))?;
         let index = self.files.len();
         for (name, entry) in entries {
             if let Some((other, _)) = self.tensors.get(&name) {
-                bail!(
-                    "tensor `{name}` appears in both {} and {}",
-                    self.files[*other].path.display(),
-                    path.display()
-                );
+                bail!("tensor `{name}` appears in both {} and {}", self.files[*other].path.display(), path.display());
             }
             self.tensors.insert(name, (index, entry));
         }
-        self.files.push(SafetensorsFile {
-            path: path.to_path_buf(),
-            mmap,
-            data_start,
-        });
+        self.files.push(SafetensorsFile { path: path.to_path_buf(), mmap, data_start });
         Ok(())
     }
 
@@ -144,10 +116,9 @@ impl HfCheckpoint {
         for (name, file) in weight_map {
             match self.tensors.get(&name) {
                 Some((i, _)) if self.files[*i].path == self.dir.join(&file) => {}
-                _ => bail!(
-                    "{} lists tensor `{name}` in {file}, but that file does not contain it",
-                    index_path.display()
-                ),
+                _ => {
+                    bail!("{} lists tensor `{name}` in {file}, but that file does not contain it", index_path.display())
+                }
             }
         }
         Ok(())
@@ -176,13 +147,8 @@ impl HfCheckpoint {
 
     /// Like [`Self::load`] but the tensor must exist.
     fn load_required(&self, candidates: &[String]) -> Result<Tensor> {
-        self.load(candidates)?.ok_or_else(|| {
-            anyhow!(
-                "checkpoint {} has no tensor `{}`",
-                self.dir.display(),
-                candidates.join("` or `")
-            )
-        })
+        self.load(candidates)?
+            .ok_or_else(|| anyhow!("checkpoint {} has no tensor `{}`", self.dir.display(), candidates.join("` or `")))
     }
 
     fn llama_tensor(&self, name: &str) -> Result<Option<Tensor>> {
@@ -193,11 +159,7 @@ impl HfCheckpoint {
             "embed.W_E" => return required("embed_tokens.weight"),
             "ln_final.w" => return required("norm.weight"),
             "unembed.W_U" if self.config.tied_embeddings => return required("embed_tokens.weight"),
-            "unembed.W_U" => {
-                return self
-                    .load_required(&["lm_head.weight".to_string()])
-                    .map(Some)
-            }
+            "unembed.W_U" => return self.load_required(&["lm_head.weight".to_string()]).map(Some),
             _ => {}
         }
         let Some((layer, rest)) = split_block(name, self.config.n_layers) else {
@@ -248,18 +210,12 @@ impl HfCheckpoint {
         // c_attn fuses Q, K and V along its output axis: [d, 3d] -> rows `part*d..(part+1)*d`.
         let qkv_part = |part: usize| -> Result<Option<Tensor>> {
             let w = conv_weight("attn.c_attn.weight", d, 3 * d)?;
-            Ok(Some(Tensor::new(
-                vec![d, d],
-                w.data[part * d * d..(part + 1) * d * d].to_vec(),
-            )))
+            Ok(Some(Tensor::new(vec![d, d], w.data[part * d * d..(part + 1) * d * d].to_vec())))
         };
         let qkv_bias = |part: usize| -> Result<Option<Tensor>> {
             let b = self.load_required(&hf(&format!("{p}.attn.c_attn.bias")))?;
             expect_shape(&format!("{p}.attn.c_attn.bias"), &b, &[3 * d])?;
-            Ok(Some(Tensor::new(
-                vec![d],
-                b.data[part * d..(part + 1) * d].to_vec(),
-            )))
+            Ok(Some(Tensor::new(vec![d], b.data[part * d..(part + 1) * d].to_vec())))
         };
         let d_mlp = self.config.d_mlp;
         match rest {
@@ -315,10 +271,7 @@ fn split_block(name: &str, n_layers: usize) -> Option<(usize, &str)> {
 
 fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.shape != shape {
-        bail!(
-            "tensor `{name}` has shape {:?}, expected {shape:?} from config.json",
-            t.shape
-        );
+        bail!("tensor `{name}` has shape {:?}, expected {shape:?} from config.json", t.shape);
     }
     Ok(())
 }
@@ -349,18 +302,13 @@ fn read_index(path: &Path) -> Result<Option<BTreeMap<String, String>>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let index: Index = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{} is not a valid shard index (expected a `weight_map` object)",
-            path.display()
-        )
-    })?;
+    let index: Index = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid shard index (expected a `weight_map` object)", path.display()))?;
     Ok(Some(index.weight_map))
 }
 
@@ -379,22 +327,14 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 /// Errors name the tensor; the caller adds the file.
 fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
     if bytes.len() < 8 {
-        bail!(
-            "file is {} bytes long, too short for the 8-byte header length",
-            bytes.len()
-        );
+        bail!("file is {} bytes long, too short for the 8-byte header length", bytes.len());
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
     let data_start = usize::try_from(header_len)
         .ok()
         .and_then(|n| n.checked_add(8))
         .filter(|&start| start <= bytes.len())
-        .ok_or_else(|| {
-            anyhow!(
-                "header length {header_len} runs past the end of the file ({} bytes)",
-                bytes.len()
-            )
-        })?;
+        .ok_or_else(|| anyhow!("header length {header_len} runs past the end of the file ({} bytes)", bytes.len()))?;
     let header: serde_json::Map<String, Value> =
         serde_json::from_slice(&bytes[8..data_start]).context("header is not a JSON object")?;
     let data_len = bytes.len() - data_start;
@@ -410,17 +350,15 @@ fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
         if name == "__metadata__" {
             continue;
         }
-        let raw: RawEntry = serde_json::from_value(value)
-            .with_context(|| format!("header entry for tensor `{name}` is malformed (expected dtype, shape, data_offsets)"))?;
+        let raw: RawEntry = serde_json::from_value(value).with_context(|| {
+            format!("header entry for tensor `{name}` is malformed (expected dtype, shape, data_offsets)")
+        })?;
         let (start, end) = raw.data_offsets;
         if start > end || end > data_len {
             bail!("tensor `{name}` has data offsets [{start}, {end}) outside the data section ({data_len} bytes)");
         }
         if let Some(size) = dtype_size(&raw.dtype) {
-            let expected = raw
-                .shape
-                .iter()
-                .try_fold(size, |acc, &d| acc.checked_mul(d));
+            let expected = raw.shape.iter().try_fold(size, |acc, &d| acc.checked_mul(d));
             if expected != Some(end - start) {
                 bail!(
                     "tensor `{name}` has shape {:?} and dtype {} ({} bytes) but its data offsets span {} bytes",
@@ -431,20 +369,11 @@ fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
                 );
             }
         }
-        entries.push((
-            name,
-            Entry {
-                dtype: raw.dtype,
-                shape: raw.shape,
-                start,
-                end,
-            },
-        ));
+        entries.push((name, Entry { dtype: raw.dtype, shape: raw.shape, start, end }));
     }
 
     // Tensors must not share bytes (empty tensors occupy none).
-    let mut spans: Vec<&(String, Entry)> =
-        entries.iter().filter(|(_, e)| e.start < e.end).collect();
+    let mut spans: Vec<&(String, Entry)> = entries.iter().filter(|(_, e)| e.start < e.end).collect();
     spans.sort_by_key(|(_, e)| e.start);
     for pair in spans.windows(2) {
         let ((a, ea), (b, eb)) = (pair[0], pair[1]);
@@ -463,28 +392,21 @@ fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
 
 /// Read `config.json` into a [`ModelConfig`].
 fn parse_config(json: &Value) -> Result<ModelConfig> {
-    let arch_name = json["architectures"][0]
-        .as_str()
-        .or_else(|| json["model_type"].as_str())
-        .unwrap_or("");
+    let arch_name = json["architectures"][0].as_str().or_else(|| json["model_type"].as_str()).unwrap_or("");
     let architecture = match arch_name {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral"
-        | "qwen2" => Architecture::Llama,
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
+            Architecture::Llama
+        }
         "GPT2LMHeadModel" | "gpt2" => Architecture::Gpt2,
         "" => bail!("config.json names no architecture (neither `architectures` nor `model_type`)"),
-        other => bail!(
-            "unsupported architecture `{other}`; patchbay imports {}",
-            SUPPORTED_ARCHITECTURES.join(", ")
-        ),
+        other => bail!("unsupported architecture `{other}`; patchbay imports {}", SUPPORTED_ARCHITECTURES.join(", ")),
     };
     let usize_field = |keys: &[&str]| -> Result<Option<usize>> {
         for key in keys {
             match &json[*key] {
                 Value::Null => continue,
                 v => {
-                    let n = v.as_u64().ok_or_else(|| {
-                        anyhow!("`{key}` should be a non-negative integer, found {v}")
-                    })?;
+                    let n = v.as_u64().ok_or_else(|| anyhow!("`{key}` should be a non-negative integer, found {v}"))?;
                     return Ok(Some(n as usize));
                 }
             }
@@ -497,10 +419,7 @@ fn parse_config(json: &Value) -> Result<ModelConfig> {
     let f32_field = |key: &str| -> Result<Option<f32>> {
         match &json[key] {
             Value::Null => Ok(None),
-            v => v
-                .as_f64()
-                .map(|x| Some(x as f32))
-                .ok_or_else(|| anyhow!("`{key}` should be a number, found {v}")),
+            v => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| anyhow!("`{key}` should be a number, found {v}")),
         }
     };
 
@@ -532,8 +451,7 @@ fn parse_config(json: &Value) -> Result<ModelConfig> {
             }
             // Sliding-window attention equals full attention on sequences no longer than the
             // window, so cap the context there instead of implementing the window.
-            let windowed = json["model_type"] == "mistral"
-                || json["use_sliding_window"].as_bool() == Some(true);
+            let windowed = json["model_type"] == "mistral" || json["use_sliding_window"].as_bool() == Some(true);
             if let (true, Some(window)) = (windowed, usize_field(&["sliding_window"])?) {
                 n_ctx = n_ctx.min(window);
             }
@@ -555,9 +473,7 @@ fn parse_config(json: &Value) -> Result<ModelConfig> {
         Architecture::Gpt2 => {
             let act = json["activation_function"].as_str().unwrap_or("gelu_new");
             if act != "gelu_new" {
-                bail!(
-                    "activation_function `{act}` is not supported; patchbay's GPT-2 uses gelu_new"
-                );
+                bail!("activation_function `{act}` is not supported; patchbay's GPT-2 uses gelu_new");
             }
             Ok(ModelConfig {
                 architecture,
@@ -590,10 +506,7 @@ mod tests {
     }
 
     fn header_error(header: &str, data_len: usize) -> String {
-        format!(
-            "{:#}",
-            parse_header(&file_bytes(header, data_len)).unwrap_err()
-        )
+        format!("{:#}", parse_header(&file_bytes(header, data_len)).unwrap_err())
     }
 
     #[test]
@@ -631,38 +544,17 @@ mod tests {
 
     #[test]
     fn offsets_beyond_file() {
-        let e = header_error(
-            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-            8,
-        );
-        assert!(
-            e.contains("`w`") && e.contains("outside the data section"),
-            "{e}"
-        );
-        let e = header_error(
-            r#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#,
-            8,
-        );
-        assert!(
-            e.contains("`w`") && e.contains("outside the data section"),
-            "{e}"
-        );
+        let e = header_error(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8);
+        assert!(e.contains("`w`") && e.contains("outside the data section"), "{e}");
+        let e = header_error(r#"{"w":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#, 8);
+        assert!(e.contains("`w`") && e.contains("outside the data section"), "{e}");
     }
 
     #[test]
     fn length_mismatch() {
-        let e = header_error(
-            r#"{"w":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}"#,
-            8,
-        );
-        assert!(
-            e.contains("`w`") && e.contains("6 bytes") && e.contains("span 8 bytes"),
-            "{e}"
-        );
-        let e = header_error(
-            r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#,
-            8,
-        );
+        let e = header_error(r#"{"w":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}"#, 8);
+        assert!(e.contains("`w`") && e.contains("6 bytes") && e.contains("span 8 bytes"), "{e}");
+        let e = header_error(r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#, 8);
         assert!(e.contains("`w`") && e.contains("overflowing"), "{e}");
     }
 
@@ -670,10 +562,7 @@ mod tests {
     fn overlapping_tensors() {
         let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
         let e = header_error(header, 12);
-        assert!(
-            e.contains("`a`") && e.contains("`b`") && e.contains("overlap"),
-            "{e}"
-        );
+        assert!(e.contains("`a`") && e.contains("`b`") && e.contains("overlap"), "{e}");
     }
 
     /// A minimal valid llama folder whose one file is given as raw bytes.
@@ -689,10 +578,7 @@ mod tests {
 
     #[test]
     fn open_errors_name_the_file() {
-        let dir = folder_with(&file_bytes(
-            r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-            8,
-        ));
+        let dir = folder_with(&file_bytes(r#"{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8));
         let e = format!("{:#}", HfCheckpoint::open(dir.path()).err().unwrap());
         assert!(e.contains("model.safetensors") && e.contains("`w`"), "{e}");
     }
@@ -705,10 +591,7 @@ mod tests {
         ));
         let ckpt = HfCheckpoint::open(dir.path()).unwrap();
         let e = format!("{:#}", ckpt.tensor("embed.W_E").unwrap_err());
-        assert!(
-            e.contains("model.embed_tokens.weight") && e.contains("I32"),
-            "{e}"
-        );
+        assert!(e.contains("model.embed_tokens.weight") && e.contains("I32"), "{e}");
     }
 
     #[test]
@@ -716,10 +599,7 @@ mod tests {
         let dir = folder_with(&file_bytes("{}", 0));
         std::fs::remove_file(dir.path().join(TOKENIZER_FILE)).unwrap();
         let e = format!("{:#}", HfCheckpoint::open(dir.path()).err().unwrap());
-        assert!(
-            e.contains("no tokenizer.json in") && e.contains("trained with"),
-            "{e}"
-        );
+        assert!(e.contains("no tokenizer.json in") && e.contains("trained with"), "{e}");
     }
 
     #[test]
@@ -733,22 +613,15 @@ mod tests {
     }
 
     fn config_error(json: &str) -> String {
-        format!(
-            "{:#}",
-            parse_config(&serde_json::from_str(json).unwrap()).unwrap_err()
-        )
+        format!("{:#}", parse_config(&serde_json::from_str(json).unwrap()).unwrap_err())
     }
 
     #[test]
     fn config_rejections() {
         let base = r#""hidden_size":4,"num_hidden_layers":1,"num_attention_heads":2,"intermediate_size":8,"vocab_size":3,"max_position_embeddings":16"#;
-        let e = config_error(&format!(
-            r#"{{"architectures":["FalconForCausalLM"],{base}}}"#
-        ));
+        let e = config_error(&format!(r#"{{"architectures":["FalconForCausalLM"],{base}}}"#));
         assert!(
-            e.contains("FalconForCausalLM")
-                && e.contains("LlamaForCausalLM")
-                && e.contains("GPT2LMHeadModel"),
+            e.contains("FalconForCausalLM") && e.contains("LlamaForCausalLM") && e.contains("GPT2LMHeadModel"),
             "{e}"
         );
         let e = config_error(&format!(
@@ -768,16 +641,7 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(
-            (
-                c.d_mlp,
-                c.d_head,
-                c.n_kv_heads,
-                c.norm_eps,
-                c.tied_embeddings
-            ),
-            (32, 4, 2, 1e-5, true)
-        );
+        assert_eq!((c.d_mlp, c.d_head, c.n_kv_heads, c.norm_eps, c.tied_embeddings), (32, 4, 2, 1e-5, true));
         let c = parse_config(
             &serde_json::from_str(
                 r#"{"model_type":"mistral","hidden_size":8,"num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":2,
@@ -786,9 +650,6 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        assert_eq!(
-            (c.n_ctx, c.d_head, c.n_kv_heads, c.rope_theta),
-            (4096, 2, 2, Some(1e6))
-        );
+        assert_eq!((c.n_ctx, c.d_head, c.n_kv_heads, c.rope_theta), (4096, 2, 2, Some(1e6)));
     }
 }

@@ -35,23 +35,13 @@ pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
         bail!("cannot run the model on an empty token sequence");
     }
     if n > c.n_ctx {
-        bail!(
-            "sequence of {n} tokens is longer than the model's context of {} positions",
-            c.n_ctx
-        );
+        bail!("sequence of {n} tokens is longer than the model's context of {} positions", c.n_ctx);
     }
     if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-        bail!(
-            "token id {t} is outside the vocabulary (size {})",
-            c.vocab_size
-        );
+        bail!("token id {t} is outside the vocabulary (size {})", c.vocab_size);
     }
     if c.n_kv_heads == 0 || !c.n_heads.is_multiple_of(c.n_kv_heads) {
-        bail!(
-            "{} attention heads cannot share {} key/value heads",
-            c.n_heads,
-            c.n_kv_heads
-        );
+        bail!("{} attention heads cannot share {} key/value heads", c.n_heads, c.n_kv_heads);
     }
     let gpt2 = c.architecture == Architecture::Gpt2;
     let d = c.d_model;
@@ -62,10 +52,7 @@ pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
 
     // Embedding (+ learned positions for GPT-2).
     let w_e = required(ckpt, "embed.W_E", &[c.vocab_size, d])?;
-    let mut x: Vec<f32> = tokens
-        .iter()
-        .flat_map(|&t| row(&w_e, t as usize).iter().copied())
-        .collect();
+    let mut x: Vec<f32> = tokens.iter().flat_map(|&t| row(&w_e, t as usize).iter().copied()).collect();
     record("hook_embed".into(), vec![1, n, d], &x);
     if gpt2 {
         let w_pos = required(ckpt, "pos_embed.W_pos", &[c.n_ctx, d])?;
@@ -80,31 +67,11 @@ pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
 
         let h = norm(ckpt, &c, &name("ln1"), &x)?;
         let attn = attention(ckpt, &c, l, &h)?;
-        record(
-            name("attn.hook_q"),
-            vec![1, n, c.n_heads, c.d_head],
-            &attn.q,
-        );
-        record(
-            name("attn.hook_k"),
-            vec![1, n, c.n_kv_heads, c.d_head],
-            &attn.k,
-        );
-        record(
-            name("attn.hook_v"),
-            vec![1, n, c.n_kv_heads, c.d_head],
-            &attn.v,
-        );
-        record(
-            name("attn.hook_pattern"),
-            vec![1, c.n_heads, n, n],
-            &attn.pattern,
-        );
-        record(
-            name("attn.hook_z"),
-            vec![1, n, c.n_heads, c.d_head],
-            &attn.z,
-        );
+        record(name("attn.hook_q"), vec![1, n, c.n_heads, c.d_head], &attn.q);
+        record(name("attn.hook_k"), vec![1, n, c.n_kv_heads, c.d_head], &attn.k);
+        record(name("attn.hook_v"), vec![1, n, c.n_kv_heads, c.d_head], &attn.v);
+        record(name("attn.hook_pattern"), vec![1, c.n_heads, n, n], &attn.pattern);
+        record(name("attn.hook_z"), vec![1, n, c.n_heads, c.d_head], &attn.z);
         record(name("hook_attn_out"), vec![1, n, d], &attn.out);
         add_in_place(&mut x, &attn.out);
         record(name("hook_resid_mid"), vec![1, n, d], &x);
@@ -120,10 +87,7 @@ pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
     let h = norm(ckpt, &c, "ln_final", &x)?;
     let w_u = required(ckpt, "unembed.W_U", &[c.vocab_size, d])?;
     let logits = linear(&h, &w_u, None);
-    Ok(Activations {
-        logits: Tensor::new(vec![1, n, c.vocab_size], logits),
-        hooks,
-    })
+    Ok(Activations { logits: Tensor::new(vec![1, n, c.vocab_size], logits), hooks })
 }
 
 /// Per-layer attention results, each row-major with positions outermost.
@@ -176,9 +140,7 @@ fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Res
         for i in 0..n {
             let qi = &q_rot[(i * nh + h) * dh..][..dh];
             // Causal: query i attends to keys 0..=i.
-            let scores: Vec<f32> = (0..=i)
-                .map(|j| dot(qi, &k_rot[(j * nkv + kvh) * dh..][..dh]) * scale)
-                .collect();
+            let scores: Vec<f32> = (0..=i).map(|j| dot(qi, &k_rot[(j * nkv + kvh) * dh..][..dh]) * scale).collect();
             let probs = softmax(&scores);
             pattern[(h * n + i) * n..][..=i].copy_from_slice(&probs);
             let zi = &mut z[(i * nh + h) * dh..][..dh];
@@ -190,23 +152,11 @@ fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Res
         }
     }
     let out = linear(&z, &w_o, b_o.as_ref());
-    Ok(Attention {
-        q,
-        k,
-        v,
-        pattern,
-        z,
-        out,
-    })
+    Ok(Attention { q, k, v, pattern, z, out })
 }
 
 /// Returns (`mlp.hook_post`, `hook_mlp_out`).
-fn mlp(
-    ckpt: &dyn Checkpoint,
-    c: &ModelConfig,
-    l: usize,
-    x: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>)> {
+fn mlp(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
     let (d, dm) = (c.d_model, c.d_mlp);
     let p = |s: &str| format!("blocks.{l}.mlp.{s}");
     let w_in = required(ckpt, &p("W_in"), &[dm, d])?;
@@ -220,10 +170,7 @@ fn mlp(
             let up = linear(x, &w_in, b_in.as_ref());
             gate.iter().zip(&up).map(|(&g, &u)| silu(g) * u).collect()
         }
-        Architecture::Gpt2 => linear(x, &w_in, b_in.as_ref())
-            .into_iter()
-            .map(gelu_new)
-            .collect(),
+        Architecture::Gpt2 => linear(x, &w_in, b_in.as_ref()).into_iter().map(gelu_new).collect(),
     };
     let out = linear(&post, &w_out, b_out.as_ref());
     Ok((post, out))
@@ -258,12 +205,7 @@ fn norm(ckpt: &dyn Checkpoint, c: &ModelConfig, prefix: &str, x: &[f32]) -> Resu
                 // Biased variance, as torch.nn.LayerNorm.
                 let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
                 let inv = 1.0 / (var + c.norm_eps).sqrt();
-                out.extend(
-                    r.iter()
-                        .zip(&w.data)
-                        .zip(&b.data)
-                        .map(|((v, w), b)| (v - mean) * inv * w + b),
-                );
+                out.extend(r.iter().zip(&w.data).zip(&b.data).map(|((v, w), b)| (v - mean) * inv * w + b));
             }
         }
     }
@@ -349,10 +291,7 @@ mod tests {
     fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: lengths differ");
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + y.abs()),
-                "{what}[{i}]: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
         }
     }
 
@@ -363,10 +302,7 @@ mod tests {
             let acts = run(&m, PROMPT);
             let n = m.encode(PROMPT).len();
             let table = Manifest::hook_table(&m.config);
-            assert_eq!(
-                acts.hooks.keys().collect::<Vec<_>>(),
-                table.keys().collect::<Vec<_>>()
-            );
+            assert_eq!(acts.hooks.keys().collect::<Vec<_>>(), table.keys().collect::<Vec<_>>());
             for (name, hook) in &table {
                 let shape: Vec<usize> = hook
                     .shape
@@ -418,13 +354,8 @@ mod tests {
             let rms = (resid.iter().map(|x| x * x).sum::<f32>() / resid.len() as f32).sqrt();
             assert!((0.2..5.0).contains(&rms), "{arch:?} residual rms {rms}");
             let last = &acts.logits.data[acts.logits.data.len() - m.config.vocab_size..];
-            let (lo, hi) = last
-                .iter()
-                .fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-            assert!(
-                hi - lo > 1.0 && hi - lo < 50.0,
-                "{arch:?} logit range {lo}..{hi}"
-            );
+            let (lo, hi) = last.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            assert!(hi - lo > 1.0 && hi - lo < 50.0, "{arch:?} logit range {lo}..{hi}");
         }
     }
 
@@ -466,10 +397,7 @@ mod tests {
         for arch in ARCHS {
             let mut m = tiny(arch, 5);
             for (name, t) in m.tensors.iter_mut() {
-                if ["attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"]
-                    .iter()
-                    .any(|s| name.ends_with(s))
-                {
+                if ["attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out"].iter().any(|s| name.ends_with(s)) {
                     t.data.fill(0.0);
                 }
             }
@@ -489,15 +417,11 @@ mod tests {
                     (0..d).map(|i| x[i] / rms * w[i]).collect()
                 } else {
                     let mean = x.iter().sum::<f32>() / d as f32;
-                    let sd = (x.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / d as f32
-                        + c.norm_eps)
-                        .sqrt();
+                    let sd = (x.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / d as f32 + c.norm_eps).sqrt();
                     let b = &m.tensors["ln_final.b"].data;
                     (0..d).map(|i| (x[i] - mean) / sd * w[i] + b[i]).collect()
                 };
-                let want: Vec<f32> = (0..c.vocab_size)
-                    .map(|v| dot(&normed, row(&w_u, v)))
-                    .collect();
+                let want: Vec<f32> = (0..c.vocab_size).map(|v| dot(&normed, row(&w_u, v))).collect();
                 let got = &acts.logits.data[pos * c.vocab_size..(pos + 1) * c.vocab_size];
                 assert_close(got, &want, 1e-5, &format!("{arch:?} logits at {pos}"));
             }
@@ -514,26 +438,15 @@ mod tests {
         let dh = m.config.d_head;
         for l in 0..m.config.n_layers {
             for w in ["W_K", "W_V"] {
-                let t = full
-                    .tensors
-                    .get_mut(&format!("blocks.{l}.attn.{w}"))
-                    .unwrap();
+                let t = full.tensors.get_mut(&format!("blocks.{l}.attn.{w}")).unwrap();
                 let heads: Vec<&[f32]> = t.data.chunks_exact(dh * t.shape[1]).collect();
-                let data: Vec<f32> = heads
-                    .iter()
-                    .flat_map(|h| h.iter().chain(h.iter()).copied())
-                    .collect();
+                let data: Vec<f32> = heads.iter().flat_map(|h| h.iter().chain(h.iter()).copied()).collect();
                 *t = Tensor::new(vec![2 * t.shape[0], t.shape[1]], data);
             }
         }
         let (a, b) = (run(&m, PROMPT), run(&full, PROMPT));
         assert_close(&a.logits.data, &b.logits.data, 1e-5, "logits");
-        assert_close(
-            &a.hooks["blocks.1.attn.hook_z"].data,
-            &b.hooks["blocks.1.attn.hook_z"].data,
-            1e-5,
-            "z",
-        );
+        assert_close(&a.hooks["blocks.1.attn.hook_z"].data, &b.hooks["blocks.1.attn.hook_z"].data, 1e-5, "z");
     }
 
     #[test]
@@ -569,20 +482,13 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         let m = tiny(Architecture::Gpt2, 0);
-        let e = forward(&m, &[1, m.config.vocab_size as u32])
-            .unwrap_err()
-            .to_string();
+        let e = forward(&m, &[1, m.config.vocab_size as u32]).unwrap_err().to_string();
         assert!(e.contains("outside the vocabulary"), "{e}");
         assert!(forward(&m, &[]).is_err());
-        let e = forward(&m, &vec![1; m.config.n_ctx + 1])
-            .unwrap_err()
-            .to_string();
+        let e = forward(&m, &vec![1; m.config.n_ctx + 1]).unwrap_err().to_string();
         assert!(e.contains("longer than the model's context"), "{e}");
         let mut broken = m.clone();
         broken.tensors.remove("blocks.1.mlp.b_in");
-        assert!(forward(&broken, &[1, 2])
-            .unwrap_err()
-            .to_string()
-            .contains("blocks.1.mlp.b_in"));
+        assert!(forward(&broken, &[1, 2]).unwrap_err().to_string().contains("blocks.1.mlp.b_in"));
     }
 }

@@ -66,7 +66,11 @@ pub fn build(ckpt: &dyn Checkpoint, data: &mut ExternalData, progress: &Progress
     b.unembed(&resid)?;
 
     let vocab = Dim::Fixed(config.vocab_size);
-    b.graph.proto.output.push(value_info(LOGITS, data_type::FLOAT, &[batch_pos[0].clone(), batch_pos[1].clone(), vocab]));
+    b.graph.proto.output.push(value_info(
+        LOGITS,
+        data_type::FLOAT,
+        &[batch_pos[0].clone(), batch_pos[1].clone(), vocab],
+    ));
     for (name, hook) in Manifest::hook_table(&config) {
         b.graph.proto.value_info.push(value_info(&name, data_type::FLOAT, &hook.shape));
     }
@@ -102,7 +106,9 @@ fn validate(c: &ModelConfig) -> anyhow::Result<()> {
         && c.vocab_size > 0
         && c.n_ctx > 0;
     if !ok {
-        anyhow::bail!("inconsistent model config (need n_heads divisible by n_kv_heads, even d_head, all sizes > 0): {c:?}");
+        anyhow::bail!(
+            "inconsistent model config (need n_heads divisible by n_kv_heads, even d_head, all sizes > 0): {c:?}"
+        );
     }
     Ok(())
 }

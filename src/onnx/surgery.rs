@@ -9,7 +9,8 @@ use super::proto::ModelProto;
 
 pub fn load(path: &Path) -> anyhow::Result<ModelProto> {
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| anyhow::anyhow!("{} is not a valid ONNX model: {e}", path.display()))
+    ModelProto::decode(bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("{} is not a valid ONNX model: {e}", path.display()))
 }
 
 /// Expose existing tensors (e.g. hooks) as extra graph outputs, so one run captures them.

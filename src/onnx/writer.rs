@@ -126,7 +126,14 @@ impl Graph {
     }
 
     /// A node with several outputs (e.g. Split).
-    pub fn op_multi(&mut self, scope: &str, op: &str, inputs: &[&str], n_out: usize, attrs: Vec<AttributeProto>) -> Vec<String> {
+    pub fn op_multi(
+        &mut self,
+        scope: &str,
+        op: &str,
+        inputs: &[&str],
+        n_out: usize,
+        attrs: Vec<AttributeProto>,
+    ) -> Vec<String> {
         let outputs: Vec<String> = (0..n_out).map(|_| self.fresh(scope, &op.to_lowercase())).collect();
         self.proto.node.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -140,7 +147,12 @@ impl Graph {
     }
 
     pub fn const_i64(&mut self, name: &str, values: &[i64]) -> String {
-        self.const_tensor(name, data_type::INT64, vec![values.len() as i64], values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        self.const_tensor(
+            name,
+            data_type::INT64,
+            vec![values.len() as i64],
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     pub fn scalar_i64(&mut self, name: &str, value: i64) -> String {
@@ -153,7 +165,13 @@ impl Graph {
 
     fn const_tensor(&mut self, name: &str, data_type: i32, dims: Vec<i64>, raw_data: Vec<u8>) -> String {
         if !self.proto.initializer.iter().any(|t| t.name == name) {
-            self.proto.initializer.push(TensorProto { dims, data_type, name: name.into(), raw_data, ..Default::default() });
+            self.proto.initializer.push(TensorProto {
+                dims,
+                data_type,
+                name: name.into(),
+                raw_data,
+                ..Default::default()
+            });
         }
         name.to_string()
     }

@@ -98,10 +98,7 @@ pub fn locate() -> Result<(PathBuf, String), String> {
     if let Some(lib) = python_package_dir("onnxruntime").and_then(|dir| library_in_package(&dir)) {
         return Ok((lib, "the Python onnxruntime package".into()));
     }
-    Err(format!(
-        "looked at ORT_DYLIB_PATH (unset), {}, and python3's onnxruntime package",
-        cached.display()
-    ))
+    Err(format!("looked at ORT_DYLIB_PATH (unset), {}, and python3's onnxruntime package", cached.display()))
 }
 
 /// `<package>/capi/libonnxruntime.so.<version>` (or the unversioned name).
@@ -112,7 +109,9 @@ fn library_in_package(package: &Path) -> Option<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
-            name.starts_with("libonnxruntime.so") || name.starts_with("libonnxruntime.dylib") || name == "onnxruntime.dll"
+            name.starts_with("libonnxruntime.so")
+                || name.starts_with("libonnxruntime.dylib")
+                || name == "onnxruntime.dll"
         })
         .collect();
     found.sort();
@@ -147,16 +146,18 @@ pub fn build_info() -> String {
 /// A session for `model` on `device`. CUDA never falls back to the CPU silently.
 pub fn session(model: &Path, device: Device) -> anyhow::Result<Session> {
     let rt = ensure(false)?;
-    let mut builder = Session::builder(&rt.env).map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
+    let mut builder =
+        Session::builder(&rt.env).map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
     if device == Device::Cuda {
         builder = with_cuda(builder, rt)?;
     }
-    builder
-        .commit_from_file(model)
-        .map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}", model.display()))
+    builder.commit_from_file(model).map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}", model.display()))
 }
 
-fn with_cuda(builder: ort::session::builder::SessionBuilder, rt: &Runtime) -> anyhow::Result<ort::session::builder::SessionBuilder> {
+fn with_cuda(
+    builder: ort::session::builder::SessionBuilder,
+    rt: &Runtime,
+) -> anyhow::Result<ort::session::builder::SessionBuilder> {
     if !ort::ep::CUDA::is_available().unwrap_or(false) {
         bail!(
             "--device cuda: the ONNX Runtime at {} has no CUDA execution provider\n  help: install the GPU build (`pip install onnxruntime-gpu=={ORT_VERSION}`) and set ORT_DYLIB_PATH to its onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}, or run with --device cpu",
@@ -170,7 +171,11 @@ fn with_cuda(builder: ort::session::builder::SessionBuilder, rt: &Runtime) -> an
 
 /// A session for a graph built in memory (graph surgery) whose external weights live in
 /// `weights_dir` (the model directory).
-pub fn session_from_proto(model: &crate::onnx::proto::ModelProto, weights_dir: &Path, device: Device) -> anyhow::Result<Session> {
+pub fn session_from_proto(
+    model: &crate::onnx::proto::ModelProto,
+    weights_dir: &Path,
+    device: Device,
+) -> anyhow::Result<Session> {
     use prost::Message as _;
     let rt = ensure(false)?;
     let mut builder = Session::builder(&rt.env)
@@ -200,7 +205,8 @@ pub struct Batch {
 impl Batch {
     pub fn new(sequences: &[Vec<u32>]) -> Batch {
         let pos = sequences.iter().map(Vec::len).max().unwrap_or(0);
-        let mut b = Batch { input_ids: vec![], position_ids: vec![], attention_mask: vec![], batch: sequences.len(), pos };
+        let mut b =
+            Batch { input_ids: vec![], position_ids: vec![], attention_mask: vec![], batch: sequences.len(), pos };
         for seq in sequences {
             let pad = pos - seq.len();
             b.input_ids.extend(std::iter::repeat_n(0, pad).chain(seq.iter().map(|&t| t as i64)));
@@ -212,7 +218,11 @@ impl Batch {
 }
 
 /// Run a session on a batch and return the named outputs as f32 tensors.
-pub fn run(session: &mut Session, batch: &Batch, outputs: &[&str]) -> anyhow::Result<Vec<crate::import::checkpoint::Tensor>> {
+pub fn run(
+    session: &mut Session,
+    batch: &Batch,
+    outputs: &[&str],
+) -> anyhow::Result<Vec<crate::import::checkpoint::Tensor>> {
     use ort::value::Tensor as OrtTensor;
     let shape = vec![batch.batch as i64, batch.pos as i64];
     let input = |data: &Vec<i64>| OrtTensor::from_array((shape.clone(), data.clone()));
@@ -226,7 +236,8 @@ pub fn run(session: &mut Session, batch: &Batch, outputs: &[&str]) -> anyhow::Re
         .iter()
         .map(|&name| {
             let value = result.get(name).ok_or_else(|| anyhow::anyhow!("the graph has no output `{name}`"))?;
-            let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("output `{name}`: {e}"))?;
+            let (shape, data) =
+                value.try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("output `{name}`: {e}"))?;
             Ok(crate::import::checkpoint::Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
         })
         .collect()

@@ -203,7 +203,10 @@ pub enum Position {
     End,
     Index(i64),
     /// A slot's token: its last (default) or first token.
-    Slot { name: String, first: bool },
+    Slot {
+        name: String,
+        first: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -220,9 +223,27 @@ pub struct Expect {
 
 #[derive(Debug, Clone)]
 pub enum ExpectKind {
-    Detected { target: Ident, metric: Ident, sd: Option<Spanned<f64>>, includes: bool, components: Vec<Spanned<Component>> },
-    Top { k: Spanned<i64>, target: Ident, metric: Ident, includes: bool, components: Vec<Spanned<Component>> },
-    Effect { target: Ident, component: Spanned<Component>, metric: Ident, op: Spanned<CmpOp>, value: Spanned<f64> },
+    Detected {
+        target: Ident,
+        metric: Ident,
+        sd: Option<Spanned<f64>>,
+        includes: bool,
+        components: Vec<Spanned<Component>>,
+    },
+    Top {
+        k: Spanned<i64>,
+        target: Ident,
+        metric: Ident,
+        includes: bool,
+        components: Vec<Spanned<Component>>,
+    },
+    Effect {
+        target: Ident,
+        component: Spanned<Component>,
+        metric: Ident,
+        op: Spanned<CmpOp>,
+        value: Spanned<f64>,
+    },
 }
 
 /// `L9.H9`, `L3`, `L3 @ S2`.

@@ -51,7 +51,8 @@ impl Ctx<'_> {
     fn int(&self, pair: Pair<Rule>) -> Spanned<i64> {
         let span = self.span(&pair);
         // Out-of-range literals saturate; the checker reports the range problem.
-        let v = pair.as_str().parse::<i64>().unwrap_or(if pair.as_str().starts_with('-') { i64::MIN } else { i64::MAX });
+        let v =
+            pair.as_str().parse::<i64>().unwrap_or(if pair.as_str().starts_with('-') { i64::MIN } else { i64::MAX });
         Spanned::new(v, span)
     }
     fn number(&self, pair: Pair<Rule>) -> Spanned<f64> {
@@ -162,8 +163,17 @@ fn rule_name(rule: Rule) -> String {
         Rule::position | Rule::pos_list => "a position (`end`, a slot name, an index)".into(),
         Rule::EOI => "end of file".into(),
         Rule::statement | Rule::one_statement | Rule::statement_kw => "a statement".into(),
-        Rule::dataset_item | Rule::template | Rule::slot_from | Rule::slot_eq | Rule::count | Rule::seed | Rule::answer
-        | Rule::wrong | Rule::column => "a dataset line (`template`, `slot`, `pool`, `count`, `seed`, `answer`, `wrong`, `prompt: column`)".into(),
+        Rule::dataset_item
+        | Rule::template
+        | Rule::slot_from
+        | Rule::slot_eq
+        | Rule::count
+        | Rule::seed
+        | Rule::answer
+        | Rule::wrong
+        | Rule::column => {
+            "a dataset line (`template`, `slot`, `pool`, `count`, `seed`, `answer`, `wrong`, `prompt: column`)".into()
+        }
         Rule::axis => "a sweep axis like `corruption: [a, b]`".into(),
         Rule::noise_opt => "`scale`, `samples` or `seed`".into(),
         Rule::metric_opt => "a metric option".into(),
@@ -244,7 +254,7 @@ fn syntax_error(file: &Arc<SourceFile>, offset: usize, e: pest::error::Error<Rul
 fn convert_statement(ctx: &Ctx, pair: Pair<Rule>) -> Statement {
     let span = ctx.span(&pair);
     let rule = pair.as_rule();
-    let mut inner = pair.into_inner().filter(|p| !p.as_rule().to_string().starts_with("kw_")).peekable();
+    let mut inner = no_kw(pair).peekable();
     let kind = match rule {
         Rule::include => StatementKind::Include(ctx.string(inner.next().unwrap())),
         Rule::model => StatementKind::Model {

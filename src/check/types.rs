@@ -1,0 +1,432 @@
+//! The typed, resolved experiment: the checker's output and the planner's input.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::model::Manifest;
+use crate::syntax::ast::{CmpOp, Position};
+use crate::syntax::Diagnostic;
+
+#[derive(Debug, Clone)]
+pub struct Experiment {
+    /// The experiment file's stem.
+    pub name: String,
+    pub source: PathBuf,
+    pub model: Model,
+    /// Prompts per engine batch (`batch N`; default 32).
+    pub batch_size: usize,
+    pub datasets: Vec<Dataset>,
+    pub corruptions: Vec<Corruption>,
+    pub patches: Vec<PatchTarget>,
+    pub metrics: Vec<Metric>,
+    pub sweep: Sweep,
+    pub expectations: Vec<Expectation>,
+    pub outputs: Outputs,
+    /// Warnings found while checking (the experiment is still valid).
+    pub warnings: Vec<Diagnostic>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// As written in the file.
+    pub reference: String,
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Device> {
+        match s {
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub name: String,
+    pub origin: DatasetOrigin,
+    pub prompts: Vec<Prompt>,
+    /// Corrupted inputs per corruption name (only the corruptions the sweep pairs with it).
+    pub corrupted: BTreeMap<String, Vec<CorruptedPrompt>>,
+    /// Whether prompts carry a wrong answer r'.
+    pub has_wrong: bool,
+    /// Slot names available for positions and corruptions.
+    pub slots: Vec<String>,
+}
+
+impl Dataset {
+    /// The token count shared by all prompts, if they share one.
+    pub fn common_len(&self) -> Option<usize> {
+        let n = self.prompts.first()?.ids.len();
+        self.prompts.iter().all(|p| p.ids.len() == n).then_some(n)
+    }
+    pub fn min_len(&self) -> usize {
+        self.prompts.iter().map(|p| p.ids.len()).min().unwrap_or(0)
+    }
+    pub fn max_len(&self) -> usize {
+        self.prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum DatasetOrigin {
+    Template { template: String, count: usize, seed: u64 },
+    File { path: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Display form of each token.
+    pub tokens: Vec<String>,
+    pub slots: BTreeMap<String, SlotSpan>,
+    pub answer: Answer,
+    pub wrong: Option<Answer>,
+}
+
+impl Prompt {
+    /// Token index of a symbolic position in this prompt (None when out of range / unknown).
+    pub fn resolve(&self, pos: &Position) -> Option<usize> {
+        let n = self.ids.len() as i64;
+        match pos {
+            Position::End => (n > 0).then(|| (n - 1) as usize),
+            Position::Index(i) => {
+                let i = if *i < 0 { n + i } else { *i };
+                (0..n).contains(&i).then_some(i as usize)
+            }
+            Position::Slot { name, first } => self.slots.get(name).map(|s| if *first { s.first } else { s.last }),
+        }
+    }
+
+    /// A symbolic label for token index `i`: the slot covering it, `end`, or the index.
+    pub fn label_of(&self, i: usize) -> String {
+        if i + 1 == self.ids.len() {
+            return "end".into();
+        }
+        for (name, s) in &self.slots {
+            if s.last == i {
+                return name.clone();
+            }
+            if s.first == i {
+                return format!("first {name}");
+            }
+        }
+        i.to_string()
+    }
+}
+
+/// Where a slot's value sits in the tokenised prompt (inclusive token indices).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotSpan {
+    pub value: String,
+    pub first: usize,
+    pub last: usize,
+    /// Byte range of the value in the prompt text.
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Token {
+        text: String,
+        id: u32,
+    },
+    /// A token set: metrics sum probabilities (or logits) over it.
+    Set(Vec<(String, u32)>),
+}
+
+impl Answer {
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            Answer::Token { id, .. } => vec![*id],
+            Answer::Set(s) => s.iter().map(|(_, i)| *i).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CorruptedPrompt {
+    /// A different prompt of the same token count (STR, counterfactual).
+    Tokens { text: String, ids: Vec<u32>, tokens: Vec<String> },
+    /// Gaussian noise added to the token embeddings at these positions.
+    Noise { positions: Vec<usize> },
+    /// Ablations patch in zeros / means / another prompt's activation; the input is the clean one.
+    Ablation { source_prompt: Option<usize> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Corruption {
+    pub name: String,
+    pub kind: CorruptionKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CorruptionKind {
+    /// Slot -> replacement (another slot's value, or a literal).
+    Replace(Vec<(String, Replacement)>),
+    Resample {
+        slots: Vec<String>,
+        distinct: bool,
+        seed: u64,
+    },
+    Noise {
+        slots: Vec<String>,
+        scale: f64,
+        samples: usize,
+        seed: u64,
+    },
+    Counterfactual,
+    Ablation {
+        kind: AblationKind,
+        seed: u64,
+    },
+}
+
+impl CorruptionKind {
+    pub fn is_ablation(&self) -> bool {
+        matches!(self, CorruptionKind::Ablation { .. })
+    }
+    /// Noise samples per prompt (1 for everything but noise).
+    pub fn samples(&self) -> usize {
+        match self {
+            CorruptionKind::Noise { samples, .. } => *samples,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replacement {
+    Slot(String),
+    Literal(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AblationKind {
+    Zero,
+    Mean,
+    Resample,
+}
+
+impl AblationKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AblationKind::Zero => "zero",
+            AblationKind::Mean => "mean",
+            AblationKind::Resample => "resample",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PatchTarget {
+    pub name: String,
+    /// Hooks patched jointly (one run patches all of them).
+    pub hooks: Vec<HookRef>,
+    /// Layers, one patch per layer (None: the hook has no layer, e.g. `hook_embed`).
+    pub layers: Option<Vec<usize>>,
+    /// Heads, one patch per head (None: all heads together / no head axis).
+    pub heads: Option<Vec<usize>>,
+    pub positions: PositionSelection,
+    /// Sliding windows (w layers patched jointly around each layer).
+    pub windows: Option<Vec<usize>>,
+    pub summation: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookRef {
+    /// `hook_mlp_out` -> `blocks.{L}.hook_mlp_out`.
+    Layered(String),
+    /// A hook without a layer (`hook_embed`).
+    Global(String),
+}
+
+impl HookRef {
+    pub fn full_name(&self, layer: Option<usize>) -> String {
+        match (self, layer) {
+            (HookRef::Layered(h), Some(l)) => format!("blocks.{l}.{h}"),
+            (HookRef::Layered(h), None) => h.clone(),
+            (HookRef::Global(h), _) => h.clone(),
+        }
+    }
+    pub fn short(&self) -> &str {
+        match self {
+            HookRef::Layered(h) | HookRef::Global(h) => h,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PositionSelection {
+    /// All positions at once (the default).
+    All,
+    /// Every position separately (prompts must share one token count).
+    Each,
+    List(Vec<Position>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    LogitDiff,
+    ProbDiff,
+    Prob,
+    LogProb,
+    Kl,
+}
+
+impl MetricKind {
+    pub const ALL: [(&'static str, MetricKind); 5] = [
+        ("logit_diff", MetricKind::LogitDiff),
+        ("prob_diff", MetricKind::ProbDiff),
+        ("prob", MetricKind::Prob),
+        ("logprob", MetricKind::LogProb),
+        ("kl", MetricKind::Kl),
+    ];
+    pub fn name(self) -> &'static str {
+        MetricKind::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+    /// Whether the metric reads the wrong answer r'.
+    pub fn needs_wrong(self) -> bool {
+        matches!(self, MetricKind::LogitDiff | MetricKind::ProbDiff)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Averaging {
+    RatioOfMeans,
+    PerPromptMean,
+}
+
+impl Averaging {
+    pub fn name(self) -> &'static str {
+        match self {
+            Averaging::RatioOfMeans => "ratio_of_means",
+            Averaging::PerPromptMean => "per_prompt_mean",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metric {
+    pub name: String,
+    pub kind: MetricKind,
+    pub normalized: bool,
+    pub averaging: Averaging,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Denoise,
+    Noise,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Denoise => "denoise",
+            Direction::Noise => "noise",
+        }
+    }
+}
+
+/// The methodology grid: every combination of dataset x corruption x direction is a variant;
+/// every variant runs every patch target and computes every metric.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub datasets: Vec<String>,
+    pub corruptions: Vec<String>,
+    pub directions: Vec<Direction>,
+    pub patches: Vec<String>,
+    pub metrics: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Expectation {
+    /// The expectation as written (for messages).
+    pub text: String,
+    /// 1-based line in its file.
+    pub line: usize,
+    pub kind: ExpectationKind,
+    /// Variant filter: axis -> value (`dataset`, `corruption`, `direction`, `window`).
+    pub when: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum ExpectationKind {
+    /// Components whose effect is more than `sd` standard deviations from the mean effect.
+    Detected {
+        target: String,
+        metric: String,
+        sd: f64,
+        includes: bool,
+        components: Vec<ComponentRef>,
+    },
+    Top {
+        k: usize,
+        target: String,
+        metric: String,
+        includes: bool,
+        components: Vec<ComponentRef>,
+    },
+    Effect {
+        target: String,
+        component: ComponentRef,
+        metric: String,
+        op: CmpOp,
+        value: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentRef {
+    pub layer: usize,
+    pub head: Option<usize>,
+    pub position: Option<Position>,
+}
+
+impl std::fmt::Display for ComponentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L{}", self.layer)?;
+        if let Some(h) = self.head {
+            write!(f, ".H{h}")?;
+        }
+        if let Some(p) = &self.position {
+            write!(f, "@{}", position_label(p))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn position_label(p: &Position) -> String {
+    match p {
+        Position::End => "end".into(),
+        Position::Index(i) => i.to_string(),
+        Position::Slot { name, first: true } => format!("first {name}"),
+        Position::Slot { name, first: false } => name.clone(),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    pub csv: Option<PathBuf>,
+    pub per_prompt: Option<PathBuf>,
+    pub report: Option<PathBuf>,
+}

@@ -1,0 +1,284 @@
+//! Diagnostics of `check`, as snapshots (miette graphical handler, plain ASCII theme), and a
+//! bounded fuzz test: `check` never panics.
+
+#[path = "support/lang_fixture.rs"]
+mod fixture;
+
+use patchbay::check;
+
+/// Check `src` in a fresh workspace; render every diagnostic.
+fn diagnose(src: &str, extra: &[(&str, &str)]) -> String {
+    let ws = fixture::workspace();
+    for (name, text) in extra {
+        fixture::write(ws.path(), name, text);
+    }
+    let path = fixture::write(ws.path(), "exp.bay", src);
+    let out = match check::check_file(&path, None) {
+        Ok(_) => "ok".to_string(),
+        Err(d) => d.iter().map(|d| d.render_plain()).collect::<Vec<_>>().join("\n"),
+    };
+    out.replace(&ws.path().display().to_string(), "<ws>")
+}
+
+const HEAD: &str = r#"model "tiny"
+pool names = [" Mary", " John", " Tom"]
+dataset ioi {
+  template "When{IO} and{S1} went to the store,{S2} gave a drink to"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  count 3 seed 1
+  answer IO wrong S1
+}
+"#;
+
+fn with_head(rest: &str) -> String {
+    format!("{HEAD}{rest}")
+}
+
+#[test]
+fn valid_file_checks() {
+    let src = with_head(
+        "corruption s2 = replace S2 with IO\npatch h = attn.hook_z heads all\nmetric ld = logit_diff normalized\n",
+    );
+    assert_eq!(diagnose(&src, &[]), "ok");
+}
+
+#[test]
+fn syntax_errors_all_reported() {
+    insta::assert_snapshot!(diagnose(
+        "modle \"tiny\"\ndataset d {\n  template \"x\"\n  count many\n}\ncorruption c = replace S2 IO\n",
+        &[]
+    ));
+}
+
+#[test]
+fn unknown_names_did_you_mean() {
+    insta::assert_snapshot!(diagnose(
+        &with_head("corruption s2 = replace S2 with IO\npatch h = attn.hook_z heads all\nmetric ld = logit_dif\nsweep { corruption: [s3] }\n"),
+        &[]
+    ));
+}
+
+#[test]
+fn hook_not_in_manifest() {
+    insta::assert_snapshot!(diagnose(
+        &with_head("corruption s2 = replace S2 with IO\npatch h = hook_mlp_outt\nmetric p = prob\n"),
+        &[]
+    ));
+}
+
+#[test]
+fn layer_and_head_out_of_range() {
+    insta::assert_snapshot!(diagnose(
+        &with_head("corruption s2 = replace S2 with IO\npatch h = attn.hook_z layers 0..5 heads [1, 4]\npatch k = attn.hook_k heads 3\nmetric p = prob\n"),
+        &[]
+    ));
+}
+
+#[test]
+fn slot_not_in_template() {
+    insta::assert_snapshot!(diagnose(
+        &with_head(
+            "corruption s2 = replace S3 with IO\npatch r = hook_resid_pre positions [S1, S4]\nmetric p = prob\n"
+        ),
+        &[]
+    ));
+}
+
+#[test]
+fn pool_too_small_for_distinct() {
+    insta::assert_snapshot!(diagnose(
+        r#"model "tiny"
+dataset ioi {
+  template "When{IO} and{S1} went to the store,{S2} gave a drink to"
+  slot IO, S1, S2 from [" Mary", " John"] distinct
+  answer IO
+}
+corruption n = noise on S2
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[]
+    ));
+}
+
+#[test]
+fn str_changes_token_count() {
+    insta::assert_snapshot!(diagnose(
+        &with_head("corruption long = replace S2 with \" Christopher\"\npatch r = hook_resid_pre\nmetric p = prob\n"),
+        &[]
+    ));
+}
+
+#[test]
+fn answer_not_single_token() {
+    insta::assert_snapshot!(diagnose(
+        r#"model "tiny"
+dataset d {
+  template "Then{A} said"
+  slot A from [" Mary", " Bartholomew"]
+  answer " Christopher"
+}
+corruption n = noise on A
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[]
+    ));
+}
+
+#[test]
+fn missing_file_and_column() {
+    insta::assert_snapshot!(diagnose(
+        r#"model "tiny"
+pool cities from "cities.txt"
+dataset facts from "facts.csv" { prompt: prompt  answer: targte  counterfactual: corrupted }
+corruption cf = counterfactual
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[("facts.csv", "prompt,corrupted,target\nThe capital of France is,The capital of Italy is,Paris\n")]
+    ));
+}
+
+#[test]
+fn duplicate_definitions_across_include() {
+    insta::assert_snapshot!(diagnose(
+        &format!(
+            "include \"shared.bay\"\n{}",
+            with_head("corruption s2 = replace S2 with IO\npatch r = hook_resid_pre\nmetric p = prob\nmetric p = kl\n")
+        ),
+        &[(
+            "shared.bay",
+            "# shared definitions\npool names = [\" Alice\", \" Bob\"]\ncorruption broken = replace S9 with IO\n"
+        )]
+    ));
+}
+
+#[test]
+fn expectation_on_metric_not_computed() {
+    insta::assert_snapshot!(diagnose(
+        &with_head(
+            "corruption s2 = replace S2 with IO\npatch h = attn.hook_z heads all\nmetric ld = logit_diff\nmetric p = prob\nsweep { metric: [p] }\nexpect top 3 h by ld includes L1.H2\nexpect effect h L7.H0 by p > 0.1\n"
+        ),
+        &[]
+    ));
+}
+
+#[test]
+fn missing_model() {
+    insta::assert_snapshot!(diagnose(&HEAD.replace("model \"tiny\"", "model \"no-such-model\" on gpu"), &[]));
+}
+
+#[test]
+fn errors_in_included_file_point_into_it() {
+    let out = diagnose(
+        &format!("include \"lib.bay\"\n{HEAD}"),
+        &[("lib.bay", "corruption c = replace S2 with IO\npatch p = hook_nope\n")],
+    );
+    assert!(out.contains("lib.bay:2"), "{out}");
+}
+
+/// Random and mutated inputs: `check` returns (Ok or diagnostics) and never panics.
+#[test]
+fn fuzz_check_never_panics() {
+    use rand::{Rng, SeedableRng};
+    let ws = fixture::workspace();
+    let seeds = [
+        with_head("corruption s2 = replace S2 with IO\ncorruption g = noise on S2 samples 2\ncorruption z = mean ablation\npatch h = attn.hook_z layers 0..1 heads all positions [S1, end, -1]\npatch w = hook_mlp_out window [1, 2] with summation baseline\npatch j = {hook_attn_out, hook_mlp_out} layers 1 positions each\nmetric ld = logit_diff normalized per_prompt_mean\nmetric kl = kl\naverage ratio_of_means\nsweep { corruption: [s2, g, z] direction: [denoise, noise] }\nexpect detected h by ld beyond 2 sd includes L1.H2\nexpect effect w L1 by kl > 0.1 when window = 2\noutput \"r.csv\"\n"),
+        "model \"tiny\"\ndataset g { template \"The war lasted from the year 17{Y}5 to the year 17\" slot Y from [\"2\", \"3\", \"4\"] answer set [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\"] where > Y wrong set [\"1\",\"2\",\"3\",\"4\",\"5\"] where < Y }\ncorruption c = replace Y with \"1\"\npatch r = hook_resid_post\nmetric gt = prob_diff normalized\n".to_string(),
+    ];
+    let tokens = [
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        "=",
+        "..",
+        "@",
+        "\"",
+        "#",
+        "\n",
+        " ",
+        "model",
+        "dataset",
+        "slot",
+        "from",
+        "patch",
+        "layers",
+        "heads",
+        "positions",
+        "window",
+        "metric",
+        "sweep",
+        "expect",
+        "L1.H2",
+        "-1",
+        "99999999999999999999",
+        "S1",
+        "end",
+        "all",
+        "each",
+        "{S9}",
+        "\u{e9}",
+        "\u{1F600}",
+        "\\",
+        "\"\"",
+        "0..0",
+        "5..1",
+        "include",
+        "\"exp.bay\"",
+        "set",
+        "where",
+        ">",
+        "ablation",
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < std::time::Duration::from_secs(8) && n < 3000 {
+        let base = &seeds[n % seeds.len()];
+        let mut s: Vec<char> = base.chars().collect();
+        for _ in 0..rng.gen_range(1..6) {
+            match rng.gen_range(0..4) {
+                0 if !s.is_empty() => {
+                    let i = rng.gen_range(0..s.len());
+                    let j = (i + rng.gen_range(1..20)).min(s.len());
+                    s.drain(i..j);
+                }
+                1 => {
+                    let i = rng.gen_range(0..=s.len());
+                    let t = tokens[rng.gen_range(0..tokens.len())];
+                    for (k, c) in t.chars().enumerate() {
+                        s.insert(i + k, c);
+                    }
+                }
+                2 if !s.is_empty() => {
+                    let i = rng.gen_range(0..s.len());
+                    s[i] = char::from(rng.gen_range(32u8..127));
+                }
+                _ => {
+                    let len = rng.gen_range(0..40);
+                    s = (0..len).map(|_| char::from(rng.gen_range(9u8..127))).collect();
+                }
+            }
+        }
+        let text: String = s.into_iter().collect();
+        let path = fixture::write(ws.path(), "fuzz.bay", &text);
+        let result = std::panic::catch_unwind(|| {
+            let r = check::check_file(&path, None);
+            if let Err(d) = &r {
+                for x in d {
+                    let _ = x.render_plain();
+                }
+            }
+            if let Ok(e) = &r {
+                let _ = patchbay::plan::plan(e).to_string();
+            }
+        });
+        assert!(result.is_ok(), "check panicked on input:\n{text}");
+        n += 1;
+    }
+    assert!(n > 50);
+}
