@@ -75,6 +75,12 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when stdout is closed (`patchbay plan x.bay | head`), like other Unix tools,
+    // instead of panicking in println!.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
@@ -154,7 +160,8 @@ fn doctor() -> anyhow::Result<bool> {
     let mut healthy = true;
     match runtime::ensure(false) {
         Ok(rt) => {
-            println!("ONNX Runtime: {} (found via {})", rt.library.display(), rt.found_via);
+            let version = runtime::version(&rt.library).unwrap_or_else(|| "version unknown".into());
+            println!("ONNX Runtime {version}: {} (found via {})", rt.library.display(), rt.found_via);
             println!("  build: {}", runtime::build_info());
             println!("  execution providers: {}", runtime::available_providers().join(", "));
         }

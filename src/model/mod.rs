@@ -136,6 +136,12 @@ impl Manifest {
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "no model directory at {}\n  help: run `patchbay demo` to fetch the demo model, or `patchbay import` to add one; `patchbay doctor` lists the models found",
+                dir.display()
+            );
+        }
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             anyhow::anyhow!(

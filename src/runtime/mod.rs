@@ -59,6 +59,12 @@ pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt);
     }
+    // One thread installs and loads; the others wait for it rather than racing.
+    static LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _loading = LOADING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
     let (library, found_via) = match locate() {
         Ok(found) => found,
         Err(looked) if install => {
@@ -138,7 +144,15 @@ pub fn available_providers() -> Vec<&'static str> {
     out
 }
 
-/// The ONNX Runtime build string (version, commit).
+/// The ONNX Runtime release, read from the library's versioned file name
+/// (`libonnxruntime.so.1.31.1`); ort checked on load that its API is compatible.
+pub fn version(library: &Path) -> Option<String> {
+    let name = library.file_name()?.to_string_lossy().into_owned();
+    let version = name.split_once(".so.").map(|(_, v)| v.to_string())?;
+    version.chars().all(|c| c.is_ascii_digit() || c == '.').then_some(version)
+}
+
+/// The ONNX Runtime build string (commit, build type).
 pub fn build_info() -> String {
     ort::info().to_string()
 }
