@@ -49,7 +49,16 @@ pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
     let staging = pip_dir.join(format!("{dir_name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     let status = std::process::Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "--no-deps", "--target"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--target",
+        ])
         .arg(&staging)
         .arg(spec)
         .status()

@@ -284,3 +284,46 @@ fn fuzz_check_never_panics() {
     }
     assert!(n > 50);
 }
+
+/// A JSONL line without a mapped key is a diagnostic, not a panic (lines need not share keys).
+#[test]
+fn jsonl_row_missing_key() {
+    let out = diagnose(
+        "model \"tiny\"\ndataset d from \"p.jsonl\" { prompt: prompt  counterfactual: cf  answer: answer }\ncorruption c = counterfactual\npatch r = hook_resid_pre\nmetric p = prob\n",
+        &[(
+            "p.jsonl",
+            "{\"prompt\": \"The capital of France is\", \"cf\": \"The capital of Italy is\", \"answer\": \"Paris\"}\n{\"prompt\": \"The capital of Spain is\", \"answer\": \"Madrid\"}\n",
+        )],
+    );
+    assert!(out.contains("row 2 of `p.jsonl` has no `cf`"), "{out}");
+}
+
+/// An empty pool is an error; the dataset is not silently dropped.
+#[test]
+fn empty_inline_pool() {
+    let out = diagnose(
+        "model \"tiny\"\ndataset d { template \"When{IO} and\" slot IO from [] answer IO }\ncorruption c = replace IO with \" John\"\npatch r = hook_resid_pre\nmetric p = prob\n",
+        &[],
+    );
+    assert!(out.contains("the pool `[]` has no values"), "{out}");
+}
+
+/// A file dataset's `count` is range-checked like a template's.
+#[test]
+fn file_dataset_count_range() {
+    let out = diagnose(
+        "model \"tiny\"\ndataset d from \"p.csv\" { prompt: prompt  answer: answer  count 0 }\ncorruption c = zero ablation\npatch r = hook_resid_pre\nmetric p = prob\nsweep { direction: [noise] }\n",
+        &[("p.csv", "prompt,answer\nThe capital of France is,Paris\n")],
+    );
+    assert!(out.contains("count must be between 1 and 100000"), "{out}");
+}
+
+/// Two syntax errors in one block are both reported; an error at a literal token (`=`) points
+/// at it, not at the start of the statement.
+#[test]
+fn syntax_errors_in_one_block() {
+    insta::assert_snapshot!(diagnose(
+        "model \"tiny\"\ndataset d {\n  template \"When{IO} and\"\n  count many\n  slot IO from [\" Mary\" \" John\"]\n  answer IO\n}\ncorruption c\u{e9} = replace IO with \" John\"\n",
+        &[]
+    ));
+}

@@ -23,6 +23,10 @@ pub struct PoolValues {
 pub fn load_pool(pool: &ast::Pool, errors: &mut Vec<Diagnostic>) -> Option<PoolValues> {
     match &pool.source {
         PoolSource::Inline(v) => {
+            if v.is_empty() {
+                errors.push(empty_inline_pool(&pool.name.span));
+                return None;
+            }
             Some(PoolValues { values: v.iter().map(|s| s.node.clone()).collect(), span: pool.name.span.clone() })
         }
         PoolSource::File(f) => {
@@ -35,12 +39,18 @@ pub fn load_pool(pool: &ast::Pool, errors: &mut Vec<Diagnostic>) -> Option<PoolV
                         .filter(|l| !l.trim().is_empty())
                         .collect();
                     if values.is_empty() {
-                        errors.push(Diagnostic::error(
-                            "patchbay::empty_pool",
-                            format!("pool file `{}` has no values", f.node),
-                            &f.span,
-                            "empty file",
-                        ));
+                        errors.push(
+                            Diagnostic::error(
+                                "patchbay::empty_pool",
+                                format!("pool file `{}` has no values", f.node),
+                                &f.span,
+                                "empty file",
+                            )
+                            .help(format!(
+                                "write one value per line into {} (blank lines are skipped)",
+                                path.display()
+                            )),
+                        );
                         return None;
                     }
                     Some(PoolValues { values, span: pool.name.span.clone() })
@@ -54,9 +64,35 @@ pub fn load_pool(pool: &ast::Pool, errors: &mut Vec<Diagnostic>) -> Option<PoolV
     }
 }
 
+fn csv_error(f: &Spanned<String>, e: &csv::Error) -> Diagnostic {
+    Diagnostic::error("patchbay::bad_file", format!("`{}` is not valid CSV: {e}", f.node), &f.span, "in this file")
+        .help("a CSV file needs a header row and the same number of fields on every row (quote fields with commas)")
+}
+
+fn count_range(c: &Spanned<i64>) -> Diagnostic {
+    Diagnostic::error("patchbay::range", "count must be between 1 and 100000", &c.span, "out of range")
+        .help("count is the number of prompts; patching cost grows with it (default 32)")
+}
+
+fn empty_inline_pool(span: &Span) -> Diagnostic {
+    Diagnostic::error("patchbay::empty_pool", "the pool `[]` has no values", span, "empty pool")
+        .help("list at least one value: `[\" Mary\", \" John\"]`")
+}
+
 pub fn missing_file(f: &Spanned<String>, path: &Path, e: std::io::Error) -> Diagnostic {
     Diagnostic::error("patchbay::missing_file", format!("cannot read `{}`", f.node), &f.span, format!("{e}"))
-        .help(format!("paths are relative to the folder of the file that names them: looked for {}", path.display()))
+        .help(read_help(path, &e))
+}
+
+/// Help for a file that could not be read: missing, a folder, or not UTF-8 text.
+pub fn read_help(path: &Path, e: &std::io::Error) -> String {
+    if path.is_dir() {
+        format!("{} is a folder; name a file", path.display())
+    } else if e.kind() == std::io::ErrorKind::InvalidData {
+        format!("{} is not UTF-8 text; save it as UTF-8", path.display())
+    } else {
+        format!("paths are relative to the folder of the file that names them: looked for {}", path.display())
+    }
 }
 
 fn resolve_pool(
@@ -67,6 +103,10 @@ fn resolve_pool(
 ) -> Option<PoolValues> {
     match r {
         PoolRef::Inline(l) => {
+            if l.node.is_empty() {
+                errors.push(empty_inline_pool(&l.span));
+                return None;
+            }
             Some(PoolValues { values: l.node.iter().map(|s| s.node.clone()).collect(), span: l.span.clone() })
         }
         PoolRef::Named(n) => {
@@ -411,12 +451,15 @@ fn build_template_dataset(
     let parts = match split_template(&template.node) {
         Ok(p) => p,
         Err(at) => {
-            errors.push(Diagnostic::error(
-                "patchbay::template",
-                "unclosed `{` in the template",
-                &sub_span(template, &(at..at + 1)),
-                "no matching `}`",
-            ));
+            errors.push(
+                Diagnostic::error(
+                    "patchbay::template",
+                    "unclosed `{` in the template",
+                    &sub_span(template, &(at..at + 1)),
+                    "no matching `}`",
+                )
+                .help("write slots as `{NAME}`, with a name made of letters, digits and `_`"),
+            );
             return None;
         }
     };
@@ -487,12 +530,7 @@ fn build_template_dataset(
     }
     let count_v = match count {
         Some(c) if c.node < 1 || c.node > 100_000 => {
-            errors.push(Diagnostic::error(
-                "patchbay::range",
-                "count must be between 1 and 100000",
-                &c.span,
-                "out of range",
-            ));
+            errors.push(count_range(c));
             return None;
         }
         Some(c) => c.node as usize,
@@ -527,6 +565,15 @@ fn build_template_dataset(
             if def.equals.is_none() && !values.contains_key(n) {
                 let pool = def.pool.as_ref().map(|p| p.values.clone()).unwrap_or_default();
                 if pool.is_empty() {
+                    errors.push(
+                        Diagnostic::error(
+                            "patchbay::empty_pool",
+                            format!("slot `{n}` has no values to draw from"),
+                            &template.span,
+                            "in this template",
+                        )
+                        .help("give the slot a pool with at least one value"),
+                    );
                     return None;
                 }
                 values.insert(n.clone(), pool[rng.gen_range(0..pool.len())].clone());
@@ -678,12 +725,15 @@ fn build_file_dataset(
                     rs.push(row);
                 }
                 Err(e) => {
-                    errors.push(Diagnostic::error(
-                        "patchbay::bad_file",
-                        format!("line {} of `{}` is not a JSON object: {e}", i + 1, f.node),
-                        &f.span,
-                        "in this file",
-                    ));
+                    errors.push(
+                        Diagnostic::error(
+                            "patchbay::bad_file",
+                            format!("line {} of `{}` is not a JSON object: {e}", i + 1, f.node),
+                            &f.span,
+                            "in this file",
+                        )
+                        .help("a .jsonl file holds one JSON object per line: {\"prompt\": \"...\", \"answer\": \" Paris\"}"),
+                    );
                     return None;
                 }
             }
@@ -695,12 +745,7 @@ fn build_file_dataset(
         headers = match rdr.headers() {
             Ok(h) => h.iter().map(|s| s.to_string()).collect(),
             Err(e) => {
-                errors.push(Diagnostic::error(
-                    "patchbay::bad_file",
-                    format!("`{}` is not valid CSV: {e}", f.node),
-                    &f.span,
-                    "in this file",
-                ));
+                errors.push(csv_error(f, &e));
                 return None;
             }
         };
@@ -709,12 +754,7 @@ fn build_file_dataset(
             match rec {
                 Ok(r) => rs.push(headers.iter().cloned().zip(r.iter().map(|s| s.to_string())).collect()),
                 Err(e) => {
-                    errors.push(Diagnostic::error(
-                        "patchbay::bad_file",
-                        format!("`{}` is not valid CSV: {e}", f.node),
-                        &f.span,
-                        "in this file",
-                    ));
+                    errors.push(csv_error(f, &e));
                     return None;
                 }
             }
@@ -759,7 +799,12 @@ fn build_file_dataset(
                 }
                 *slot = Some((role.span.clone(), column.node.clone()));
             }
-            DatasetItem::Count(c) => count = Some(c),
+            DatasetItem::Count(c) => {
+                if !(1..=100_000).contains(&c.node) {
+                    errors.push(count_range(c));
+                }
+                count = Some(c)
+            }
             DatasetItem::Template(t) => errors.push(
                 Diagnostic::error(
                     "patchbay::template_with_file",
@@ -813,13 +858,48 @@ fn build_file_dataset(
         );
     }
     if rows.is_empty() {
-        errors.push(Diagnostic::error("patchbay::empty_file", format!("`{}` has no rows", f.node), &f.span, "empty"));
+        // Column errors about an empty file only repeat this one.
+        errors.truncate(n_errors);
+        errors.push(
+            Diagnostic::error("patchbay::empty_file", format!("`{}` has no rows", f.node), &f.span, "empty").help(
+                if is_jsonl {
+                    "add one JSON object per line"
+                } else {
+                    "add a header row naming the columns, then one row per prompt"
+                },
+            ),
+        );
+        return None;
     }
     if errors.len() > n_errors {
         return None;
     }
-    let tok = tok?;
+    // JSONL lines need not share keys: every used column must be in every row read.
     let limit = count.map(|c| c.node.max(1) as usize).unwrap_or(usize::MAX);
+    let used: Vec<&ast::Ident> = d
+        .items
+        .iter()
+        .filter_map(|it| match it {
+            DatasetItem::Column { column, .. } => Some(column),
+            _ => None,
+        })
+        .collect();
+    for (i, row) in rows.iter().take(limit).enumerate() {
+        if let Some(col) = used.iter().find(|c| !row.contains_key(&c.node)) {
+            errors.push(
+                Diagnostic::error(
+                    "patchbay::missing_column",
+                    format!("row {} of `{}` has no `{}`", i + 1, f.node, col.node),
+                    &col.span,
+                    "missing in that row",
+                )
+                .with_label(&f.span, "in this file")
+                .help(format!("give every line of `{}` a `{}` key", f.node, col.node)),
+            );
+            return None;
+        }
+    }
+    let tok = tok?;
     let (pc, ac) = (prompt_col.unwrap().1, answer_col.unwrap());
     let mut prompts = Vec::new();
     let mut cfs = Vec::new();

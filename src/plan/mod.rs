@@ -526,3 +526,19 @@ pub fn command(file: &std::path::Path, device_override: Option<&str>) -> anyhow:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::window_layers;
+
+    /// METHOD.md: layers max(0, l - w//2) .. min(L, l + ceil(w/2)) - 1.
+    #[test]
+    fn sliding_window_layers() {
+        assert_eq!(window_layers(10, 1, 30), vec![10]);
+        assert_eq!(window_layers(10, 3, 30), vec![9, 10, 11]);
+        assert_eq!(window_layers(10, 5, 30), vec![8, 9, 10, 11, 12]);
+        assert_eq!(window_layers(10, 10, 30), (5..=14).collect::<Vec<_>>());
+        assert_eq!(window_layers(1, 5, 30), vec![0, 1, 2, 3]);
+        assert_eq!(window_layers(29, 10, 30), (24..=29).collect::<Vec<_>>());
+    }
+}

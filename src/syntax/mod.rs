@@ -1,6 +1,7 @@
 //! Stage 1: source text -> [`Ast`] with spans.
 //!
-//! The grammar is `grammar/bay.pest`. Parsing recovers after a syntax error at the next
+//! The grammar is `grammar/bay.pest`. Parsing recovers after a syntax error inside a `{ ... }` block
+//! at the block's next line keyword, and otherwise at the next
 //! unindented statement keyword, so every broken statement of a file is reported at once.
 //! `include "file.bay"` splices the statements of another file (resolved relative to the
 //! including file); diagnostics about included statements point into the included file.
