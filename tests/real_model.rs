@@ -42,3 +42,23 @@ fn smollm2_matches_transformers_reference() {
         }
     }
 }
+
+/// `patchbay predict --format csv` is machine-readable: a header and k ranked rows.
+#[test]
+fn predict_cli_csv() {
+    let model = setup::ensure_demo_model(true).unwrap();
+    runtime::ensure(true).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay"))
+        .args(["predict", "--format", "csv", "-k", "3", "--model"])
+        .arg(&model.path)
+        .arg(REFERENCE[0].0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut rows = csv::Reader::from_reader(out.stdout.as_slice());
+    assert_eq!(rows.headers().unwrap(), vec!["rank", "token_id", "token", "probability", "logit"]);
+    let rows: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(&rows[0][2], " Paris");
+    assert!((rows[0][3].parse::<f64>().unwrap() - 0.702).abs() < 0.01);
+}
