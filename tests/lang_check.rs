@@ -327,3 +327,137 @@ fn syntax_errors_in_one_block() {
         &[]
     ));
 }
+
+/// An empty or comments-only file gets a located "no model" error with a `model` line as help.
+#[test]
+fn empty_file_names_no_model() {
+    let empty = diagnose("", &[]);
+    assert!(empty.contains("<ws>/exp.bay:1:1"), "{empty}");
+    assert!(empty.contains("model \"smollm2-135m\""), "{empty}");
+    insta::assert_snapshot!(diagnose("# only a comment\n\n# and another\n", &[]));
+}
+
+/// A cycle through several files shows the whole chain.
+#[test]
+fn include_cycle_shows_chain() {
+    insta::assert_snapshot!(diagnose(
+        &format!("include \"a.bay\"\n{HEAD}"),
+        &[("a.bay", "include \"b.bay\"\n"), ("b.bay", "# back to a\ninclude \"a.bay\"\n")]
+    ));
+}
+
+/// A file that includes itself still says so in the short form.
+#[test]
+fn include_self() {
+    let out = diagnose(&format!("include \"exp.bay\"\n{HEAD}"), &[]);
+    assert!(out.contains("include cycle: `exp.bay` includes itself"), "{out}");
+}
+
+/// Includes nested more than 16 deep: an error with help.
+#[test]
+fn include_depth_has_help() {
+    let files: Vec<(String, String)> =
+        (0..20).map(|i| (format!("f{i}.bay"), format!("include \"f{}.bay\"\n", i + 1))).collect();
+    let extra: Vec<(&str, &str)> = files.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let out = diagnose(&format!("include \"f0.bay\"\n{HEAD}"), &extra);
+    assert!(out.contains("includes nested too deeply"), "{out}");
+    assert!(out.contains("help: includes may nest at most 16 files deep"), "{out}");
+}
+
+/// A layer number that does not fit in 64 bits is "too large", not a clamped number.
+#[test]
+fn layer_number_too_large() {
+    insta::assert_snapshot!(diagnose(
+        &with_head(
+            "corruption s2 = replace S2 with IO\npatch h = attn.hook_z layers 0..99999999999999999999 heads 99999999999999999999\nmetric p = prob\n"
+        ),
+        &[]
+    ));
+}
+
+/// `{}` and `{IO and{S1}` are malformed placeholders, reported once each, without follow-on
+/// "slot not in the template" errors.
+#[test]
+fn bad_template_placeholders() {
+    insta::assert_snapshot!(diagnose(
+        r#"model "tiny"
+pool names = [" Mary", " John", " Tom"]
+dataset a {
+  template "When{IO} and{} went to the store"
+  slot IO from names
+  answer IO
+}
+dataset b {
+  template "When{IO and{S1} went to the store,{S2} gave"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  answer IO
+}
+corruption n = noise on IO
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[]
+    ));
+}
+
+/// Numbers: `1e400` is out of range (reported at the whole literal); `1e3` and `1.5` are not
+/// integers.
+#[test]
+fn number_literals() {
+    insta::assert_snapshot!(diagnose(
+        &with_head("corruption g = noise on S2 scale 1e400\npatch r = hook_resid_pre\nmetric p = prob\n"),
+        &[]
+    ));
+    let out = diagnose(&with_head("corruption g = noise on S2 samples 1e3\nbatch 1.5\n"), &[]);
+    assert!(out.contains("`1e3` is not a whole number"), "{out}");
+    assert!(out.contains("`1.5` is not a whole number"), "{out}");
+    assert!(!out.contains("expected a statement"), "{out}");
+    // Exponents are fine where a decimal number is expected.
+    let ok = diagnose(
+        &with_head("corruption g = noise on S2 scale 2.5e0\npatch r = hook_resid_pre\nmetric p = prob\n"),
+        &[],
+    );
+    assert_eq!(ok, "ok");
+}
+
+/// `top k` with more than the patch's components is an error that says how many there are.
+#[test]
+fn top_k_exceeds_components() {
+    insta::assert_snapshot!(diagnose(
+        &with_head(
+            "corruption s2 = replace S2 with IO\npatch h = attn.hook_z layers 1 heads 0..2\nmetric ld = logit_diff\nexpect top 4 h by ld includes L1.H2\nexpect top 3 h by ld includes L1.H2\n"
+        ),
+        &[]
+    ));
+}
+
+/// Range errors (samples, scale, seed, top-k, threshold, batch, window, mixed hooks) all carry
+/// help text.
+#[test]
+fn range_errors_have_help() {
+    let ws = fixture::workspace();
+    let src = with_head(
+        "corruption g = noise on S2 scale 0 samples 0 seed -1\ncorruption r = resample S2 seed 99999999999999999999\npatch h = attn.hook_z heads all\npatch m = {hook_embed, hook_mlp_out}\npatch w = hook_mlp_out window [0]\nmetric ld = logit_diff\nbatch 0\nexpect top 0 h by ld includes L1.H2\nexpect detected h by ld beyond 0 sd includes L1.H2\n",
+    )
+    .replace("count 3 seed 1", "count 3 seed -2");
+    let path = fixture::write(ws.path(), "exp.bay", &src);
+    let Err(diags) = check::check_file(&path, None) else { panic!("expected errors") };
+    let errors: Vec<_> = diags.iter().filter(|d| d.is_error()).collect();
+    assert!(errors.len() >= 10, "{errors:#?}");
+    for d in errors {
+        assert!(d.span.is_some(), "no span: {}", d.render_plain());
+        assert!(d.help.is_some(), "no help: {}", d.render_plain());
+    }
+}
+
+/// A pool whose definition failed (empty, or a missing file) does not also produce "unknown pool".
+#[test]
+fn broken_pool_no_cascade() {
+    let src = "model \"tiny\"\npool names = []\npool more from \"missing.txt\"\ndataset d {\n  template \"When{IO} and{S1}\"\n  slot IO from names\n  slot S1 from more\n  answer set names\n}\ncorruption c = replace IO with \" John\"\npatch r = hook_resid_pre\nmetric p = prob\n";
+    let out = diagnose(src, &[]);
+    assert!(out.contains("the pool `[]` has no values"), "{out}");
+    assert!(out.contains("cannot read `missing.txt`"), "{out}");
+    assert!(!out.contains("unknown pool"), "{out}");
+    assert!(!out.contains("no values to draw from"), "{out}");
+}

@@ -74,6 +74,18 @@ fn count_range(c: &Spanned<i64>) -> Diagnostic {
         .help("count is the number of prompts; patching cost grows with it (default 32)")
 }
 
+/// A seed that is negative or does not fit in 64 bits.
+pub fn seed_range(s: &Spanned<i64>) -> Diagnostic {
+    let (message, label) = if s.node < 0 {
+        ("a seed must be 0 or more", "negative")
+    } else {
+        ("the seed is too large: seeds are 0..9223372036854775807", "too large")
+    };
+    Diagnostic::error("patchbay::range", message, &s.span, label).help(
+        "a seed is a whole number from 0 to 9223372036854775807 that makes random draws repeatable, e.g. `seed 1`",
+    )
+}
+
 fn empty_inline_pool(span: &Span) -> Diagnostic {
     Diagnostic::error("patchbay::empty_pool", "the pool `[]` has no values", span, "empty pool")
         .help("list at least one value: `[\" Mary\", \" John\"]`")
@@ -111,7 +123,8 @@ fn resolve_pool(
         }
         PoolRef::Named(n) => {
             if let Some(p) = local.get(&n.node).or_else(|| global.get(&n.node)) {
-                return Some(p.clone());
+                // No values: the pool's definition failed and was reported there.
+                return (!p.values.is_empty()).then(|| p.clone());
             }
             let names: Vec<&str> = local.keys().chain(global.keys()).map(|s| s.as_str()).collect();
             errors.push(unknown("pool", n, names));
@@ -272,6 +285,36 @@ fn split_template(t: &str) -> Result<Vec<(bool, String, std::ops::Range<usize>)>
     Ok(out)
 }
 
+/// Whether `s` is a name: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_name(s: &str) -> bool {
+    let mut c = s.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+/// A `{...}` in a template whose content is not a slot name (`{}`, `{IO and{S1}`, `{S 1}`).
+fn bad_slot_placeholder(name: &str, placeholder: &str, span: &Span, declared: &[String]) -> Diagnostic {
+    let (message, label) = if name.trim().is_empty() {
+        (format!("empty slot placeholder `{placeholder}` in the template"), "no slot name")
+    } else if name.contains('{') {
+        (
+            format!("`{placeholder}` is not a slot placeholder: a `{{` is not closed before the next `{{`"),
+            "unclosed `{`",
+        )
+    } else {
+        (format!("`{placeholder}` is not a slot placeholder: `{name}` is not a valid slot name"), "not a slot name")
+    };
+    let example = declared.first().map(|s| s.as_str()).unwrap_or("IO");
+    let mut help = format!(
+        "write each slot as `{{NAME}}`, e.g. `{{{example}}}`, where NAME is letters, digits and `_` \
+         (`[A-Za-z_][A-Za-z0-9_]*`) and has a `slot NAME ...` line; templates cannot contain other braces"
+    );
+    if !declared.is_empty() {
+        help.push_str(&format!("; declared slots: {}", declared.join(", ")));
+    }
+    Diagnostic::error("patchbay::template", message, span, label).help(help)
+}
+
 /// Span of a part of a string literal (for a label on `{S2}` inside the template).
 fn sub_span(s: &Spanned<String>, r: &std::ops::Range<usize>) -> Span {
     // The literal starts with a quote; escapes are rare in templates, so map 1:1 when possible.
@@ -333,6 +376,8 @@ fn build_template_dataset(
     let mut slots: BTreeMap<String, SlotDef> = BTreeMap::new();
     let mut groups: Vec<(Vec<String>, Span)> = Vec::new();
     let mut slot_decls: Vec<(String, Span)> = Vec::new();
+    // A pool that did not resolve (reported, possibly at a top-level definition).
+    let mut broken_pool = false;
     let once = |what: &str, span: &Span, prev: Option<Span>, errors: &mut Vec<Diagnostic>| {
         if let Some(p) = prev {
             errors.push(super::duplicate(what, what, span, &p));
@@ -363,7 +408,10 @@ fn build_template_dataset(
             DatasetItem::Pool(p) => {
                 if let Some(prev) = local_pools.get(&p.name.node).map(|v: &PoolValues| v.span.clone()) {
                     errors.push(super::duplicate("pool", &p.name.node, &p.name.span, &prev));
-                } else if let Some(v) = load_pool(p, errors) {
+                } else {
+                    // A broken pool stays defined with no values (see `resolve_pool`).
+                    let v =
+                        load_pool(p, errors).unwrap_or(PoolValues { values: Vec::new(), span: p.name.span.clone() });
                     local_pools.insert(p.name.node.clone(), v);
                 }
             }
@@ -387,6 +435,7 @@ fn build_template_dataset(
         match item {
             DatasetItem::SlotFrom { slots: names, pool, distinct, .. } => {
                 let values = resolve_pool(pool, &local_pools, global_pools, errors);
+                broken_pool |= values.is_none();
                 let group = distinct.as_ref().map(|s| {
                     groups.push((names.iter().map(|n| n.node.clone()).collect(), s.clone()));
                     groups.len() - 1
@@ -464,11 +513,17 @@ fn build_template_dataset(
         }
     };
     let mut in_template: BTreeMap<String, Span> = BTreeMap::new();
+    let mut bad_placeholder = false;
     for (is_slot, name, r) in &parts {
         if !*is_slot {
             continue;
         }
         let sp = sub_span(template, r);
+        if !is_name(name) {
+            bad_placeholder = true;
+            errors.push(bad_slot_placeholder(name, &template.node[r.clone()], &sp, &slot_names));
+            continue;
+        }
         if in_template.contains_key(name) {
             errors.push(
                 Diagnostic::error(
@@ -496,7 +551,8 @@ fn build_template_dataset(
         in_template.insert(name.clone(), sp);
     }
     for (name, span) in &slot_decls {
-        if !in_template.contains_key(name) {
+        // After a malformed placeholder, "not in the template" would only repeat that error.
+        if !in_template.contains_key(name) && !bad_placeholder {
             errors.push(slot_not_in_template(name, span, in_template.keys().map(|s| s.as_str())));
         }
     }
@@ -511,8 +567,11 @@ fn build_template_dataset(
             match &spec.node {
                 AnswerSpec::Slot(s) => check_slot_ref(s, errors),
                 AnswerSpec::Set { pool, filter } => {
-                    if let Some(v) = resolve_pool(pool, &local_pools, global_pools, errors) {
-                        set_pools.insert(i, v);
+                    match resolve_pool(pool, &local_pools, global_pools, errors) {
+                        Some(v) => {
+                            set_pools.insert(i, v);
+                        }
+                        None => broken_pool = true,
                     }
                     if let Some((_, s)) = filter {
                         check_slot_ref(s, errors);
@@ -536,8 +595,15 @@ fn build_template_dataset(
         Some(c) => c.node as usize,
         None => 32,
     };
-    let seed_v = seed.map(|s| s.node as u64).unwrap_or(0);
-    if errors.len() > n_errors {
+    let seed_v = match seed {
+        Some(s) if s.node < 0 || super::targets::overflowed(s.node, &s.span) => {
+            errors.push(seed_range(s));
+            return None;
+        }
+        Some(s) => s.node as u64,
+        None => 0,
+    };
+    if errors.len() > n_errors || broken_pool {
         return None;
     }
     let tok = tok?;

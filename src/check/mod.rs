@@ -115,9 +115,11 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Ex
             }
             StatementKind::Pool(p) => {
                 if define("pool", &p.name, &mut errors) {
-                    if let Some(v) = datasets::load_pool(p, &mut errors) {
-                        pools.insert(p.name.node.clone(), v);
-                    }
+                    // A pool that failed to load (empty, missing file) stays defined, with no
+                    // values, so that its uses do not report a follow-on "unknown pool".
+                    let v = datasets::load_pool(p, &mut errors)
+                        .unwrap_or(PoolValues { values: Vec::new(), span: p.name.span.clone() });
+                    pools.insert(p.name.node.clone(), v);
                 }
             }
             StatementKind::Dataset(d) => {
@@ -165,10 +167,20 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Ex
     let mut model: Option<(Model, Tok)> = None;
     match model_stmt {
         None => {
-            let mut d = Diagnostic::bare("patchbay::no_model", format!("{} names no model", path.display()))
-                .help("add a line like `model \"smollm2-135m\" on cpu`");
-            if let Some(st) = ast.statements.iter().find(|s| !s.included) {
-                d.span = Some(Span::new(&st.span.file, 0..0));
+            let empty = ast.statements.is_empty();
+            let message = if empty {
+                format!("{} has no statements, so it names no model", path.display())
+            } else {
+                format!("{} names no model", path.display())
+            };
+            let mut d = Diagnostic::bare("patchbay::no_model", message).help(
+                "add a line like `model \"smollm2-135m\" on cpu` (a model directory or a name in the models \
+                 folder); spec/language.md shows a complete experiment",
+            );
+            // Point at the start of the experiment file, even when it is empty or all comments.
+            let file = ast.statements.iter().find(|s| !s.included).map(|st| st.span.file.clone()).or(ast.root.clone());
+            if let Some(file) = file {
+                d.span = Some(Span::new(&file, 0..0));
                 d.label = "expected a `model` statement".into();
             }
             errors.push(d);
@@ -465,12 +477,10 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Ex
     // ---- the rest ------------------------------------------------------------------------
     let batch_size = match batch {
         Some(b) if !(1..=4096).contains(&b.node) => {
-            errors.push(Diagnostic::error(
-                "patchbay::range",
-                "batch must be between 1 and 4096",
-                &b.span,
-                "out of range",
-            ));
+            errors.push(
+                Diagnostic::error("patchbay::range", "batch must be between 1 and 4096", &b.span, "out of range")
+                    .help("batch is the number of prompts per engine batch (default 32), e.g. `batch 64`"),
+            );
             32
         }
         Some(b) => b.node as usize,

@@ -15,8 +15,8 @@ pub fn corruption(
     let n0 = errors.len();
     let nonneg = |s: &Option<Spanned<i64>>, errors: &mut Vec<Diagnostic>| -> u64 {
         match s {
-            Some(v) if v.node < 0 => {
-                errors.push(Diagnostic::error("patchbay::range", "a seed must be 0 or more", &v.span, "negative"));
+            Some(v) if v.node < 0 || overflowed(v.node, &v.span) => {
+                errors.push(super::datasets::seed_range(v));
                 0
             }
             Some(v) => v.node as u64,
@@ -42,7 +42,7 @@ pub fn corruption(
                         format!("slot `{}` is replaced twice", s.node),
                         &s.span,
                         "again here",
-                    ));
+                    ).help("replace each slot once, e.g. `replace S2 with IO, S1 with \" John\"`; for another choice, define a second corruption"));
                 }
                 out.push((s.node.clone(), with));
             }
@@ -59,11 +59,9 @@ pub fn corruption(
         ast::CorruptionKind::Noise { slots, scale, samples, seed } => {
             let scale_v = match scale {
                 Some(s) if !(s.node > 0.0 && s.node.is_finite()) => {
-                    errors.push(Diagnostic::error(
-                        "patchbay::range",
-                        "the noise scale must be a positive number",
-                        &s.span,
-                        "not positive",
+                    errors.push(number_range(s, "the noise scale must be a positive number", "not positive").help(
+                        "the scale multiplies the standard deviation of the token embeddings: a positive number \
+                         such as `scale 3` (the default; ROME uses 3)",
                     ));
                     3.0
                 }
@@ -72,12 +70,15 @@ pub fn corruption(
             };
             let samples_v = match samples {
                 Some(s) if !(1..=10_000).contains(&s.node) => {
-                    errors.push(Diagnostic::error(
-                        "patchbay::range",
-                        "samples must be between 1 and 10000",
-                        &s.span,
-                        "out of range",
-                    ));
+                    errors.push(
+                        Diagnostic::error(
+                            "patchbay::range",
+                            "samples must be between 1 and 10000",
+                            &s.span,
+                            "out of range",
+                        )
+                        .help("samples is the number of noise draws per prompt (default 10), e.g. `samples 10`"),
+                    );
                     10
                 }
                 Some(s) => s.node as usize,
@@ -160,7 +161,39 @@ fn resolve_hook(h: &Ident, manifest: &Manifest) -> Result<(HookRef, Option<usize
     }))
 }
 
+/// Whether an integer literal did not fit (the parser saturates it to i64::MIN/MAX).
+pub fn overflowed(v: i64, span: &Span) -> bool {
+    (v == i64::MAX || v == i64::MIN) && span.text().trim().parse::<i64>().is_err()
+}
+
+/// "`99999999999999999999` is too large for a layer/head number", with the valid range.
+fn too_large(span: &Span, what: &str, n: usize, help: String) -> Diagnostic {
+    Diagnostic::error(
+        "patchbay::number_too_large",
+        format!(
+            "the {what} number `{}` is too large: valid {what}s are 0..{}",
+            span.text().trim(),
+            n.saturating_sub(1)
+        ),
+        span,
+        "number too large",
+    )
+    .help(help)
+}
+
 fn layer_out_of_range(span: &Span, l: i64, n: usize) -> Diagnostic {
+    if overflowed(l, span) {
+        return too_large(
+            span,
+            "layer",
+            n,
+            format!(
+                "the model has {n} layers, numbered 0..{}; write `layers 0..{}` or `layers all` for every layer",
+                n.saturating_sub(1),
+                n.saturating_sub(1)
+            ),
+        );
+    }
     Diagnostic::error(
         "patchbay::layer_out_of_range",
         format!("layer {l} is out of range: the model has {n} layers (0..{})", n.saturating_sub(1)),
@@ -213,9 +246,29 @@ fn expand_selection(
                     );
                     continue;
                 }
-                for x in [a, b] {
+                // The literal of each end, for a precise span on a number that is too large.
+                let ends: Vec<Span> = match it.node {
+                    SelItem::Range(..) => match it.span.text().find("..") {
+                        Some(i) => vec![
+                            Span::new(&it.span.file, it.span.range.start..it.span.range.start + i),
+                            Span::new(&it.span.file, it.span.range.start + i + 2..it.span.range.end),
+                        ],
+                        None => vec![it.span.clone(), it.span.clone()],
+                    },
+                    SelItem::One(_) => vec![it.span.clone(), it.span.clone()],
+                };
+                let trimmed = |s: &Span| {
+                    let t = s.text();
+                    let lead = t.len() - t.trim_start().len();
+                    Span::new(&s.file, s.range.start + lead..s.range.start + lead + t.trim().len())
+                };
+                for (k, x) in [a, b].into_iter().enumerate() {
+                    if k == 1 && a == b && matches!(it.node, SelItem::One(_)) {
+                        break;
+                    }
                     if x < 0 || x as u64 >= n as u64 {
-                        errors.push(err(&it.span, x));
+                        let end = trimmed(&ends[k]);
+                        errors.push(err(if overflowed(x, &end) { &end } else { &it.span }, x));
                     }
                 }
                 if a >= 0 && (b as u64) < n as u64 {
@@ -250,7 +303,11 @@ fn check_position(p: &Spanned<Position>, datasets: &[&Dataset], errors: &mut Vec
                     errors.push(
                         Diagnostic::error(
                             "patchbay::position_out_of_range",
-                            format!("position {i} is outside the shortest prompt of `{}` ({n} tokens)", d.name),
+                            format!(
+                                "position {} is outside the shortest prompt of `{}` ({n} tokens)",
+                                if overflowed(*i, &p.span) { p.span.text().trim().to_string() } else { i.to_string() },
+                                d.name
+                            ),
                             &p.span,
                             "no such token",
                         )
@@ -323,12 +380,15 @@ pub fn patch(
                     fixed_layers.push(l);
                 }
                 if hooks.contains(&r) {
-                    errors.push(Diagnostic::error(
-                        "patchbay::duplicate",
-                        format!("hook `{}` is listed twice", h.node),
-                        &h.span,
-                        "again here",
-                    ));
+                    errors.push(
+                        Diagnostic::error(
+                            "patchbay::duplicate",
+                            format!("hook `{}` is listed twice", h.node),
+                            &h.span,
+                            "again here",
+                        )
+                        .help("list each hook once in `{...}`"),
+                    );
                 }
                 hooks.push(r);
             }
@@ -347,7 +407,10 @@ pub fn patch(
                 &p.hooks[0].span.to(&p.hooks[p.hooks.len() - 1].span),
                 "mixed",
             )
-            .help("patch `hook_embed` in its own target"),
+            .help(
+                "a layer-less hook (`hook_embed`) cannot be patched jointly with per-layer hooks: give it its own \
+                 target, e.g. `patch emb = hook_embed` and `patch joint = {hook_attn_out, hook_mlp_out}`",
+            ),
         );
         return None;
     }
@@ -405,15 +468,40 @@ pub fn patch(
                 Some(nh) => {
                     for h in &hooks[1..] {
                         if head_count(manifest, &h.full_name(Some(0))) != Some(nh) {
-                            errors.push(Diagnostic::error(
-                                "patchbay::mixed_hooks",
-                                "hooks patched jointly per head must have the same heads",
-                                &sel.span,
-                                "heads",
-                            ));
+                            errors.push(
+                                Diagnostic::error(
+                                    "patchbay::mixed_hooks",
+                                    format!(
+                                        "hooks patched jointly per head must have the same heads: `{}` has {nh}, `{}` has {}",
+                                        hooks[0].short(),
+                                        h.short(),
+                                        head_count(manifest, &h.full_name(Some(0)))
+                                            .map(|n| n.to_string())
+                                            .unwrap_or_else(|| "no head axis".into())
+                                    ),
+                                    &sel.span,
+                                    "heads",
+                                )
+                                .help(
+                                    "patch such hooks in separate targets (`hook_k`/`hook_v` have n_kv_heads heads, \
+                                     `hook_q`/`hook_z` have n_heads), or drop `heads` to patch all heads together",
+                                ),
+                            );
                         }
                     }
                     let err = |s: &Span, h: i64| {
+                        if overflowed(h, s) {
+                            return too_large(
+                                s,
+                                "head",
+                                nh,
+                                format!(
+                                    "`{}` has {nh} heads, numbered 0..{}; write `heads all` for all of them",
+                                    hooks[0].short(),
+                                    nh - 1
+                                ),
+                            );
+                        }
                         Diagnostic::error(
                             "patchbay::head_out_of_range",
                             format!("head {h} is out of range: `{}` has {nh} heads (0..{})", hooks[0].short(), nh - 1),
@@ -435,12 +523,15 @@ pub fn patch(
         None => None,
         Some(ws) => {
             if layers.is_none() {
-                errors.push(Diagnostic::error(
-                    "patchbay::no_layers",
-                    "a sliding window needs a hook with layers",
-                    &ws.span,
-                    "window",
-                ));
+                errors.push(
+                    Diagnostic::error(
+                        "patchbay::no_layers",
+                        "a sliding window needs a hook with layers",
+                        &ws.span,
+                        "window",
+                    )
+                    .help("drop `window` for a layer-less hook, or patch a per-layer hook such as `hook_mlp_out`"),
+                );
             }
             let mut out = Vec::new();
             for w in &ws.node {
@@ -448,11 +539,13 @@ pub fn patch(
                     errors.push(
                         Diagnostic::error(
                             "patchbay::range",
-                            format!("window {} is out of range: windows span 1..{nl} layers", w.node),
+                            format!("window {} is out of range: windows span 1..{nl} layers", w.span.text().trim()),
                             &w.span,
                             "bad window",
                         )
-                        .help("w = 1 is single-layer patching"),
+                        .help(format!(
+                            "a window is a number of layers from 1 to {nl}, e.g. `window [1, 3, 5]`; w = 1 is single-layer patching"
+                        )),
                     );
                 } else if !out.contains(&(w.node as usize)) {
                     out.push(w.node as usize);
@@ -627,12 +720,9 @@ pub fn expectation(
     let kind = match &e.kind {
         ExpectKind::Detected { sd, includes, components, .. } => {
             let sdv = match sd {
-                Some(s) if s.node.is_nan() || s.node <= 0.0 => {
-                    errors.push(Diagnostic::error(
-                        "patchbay::range",
-                        "the detection threshold must be positive",
-                        &s.span,
-                        "not positive",
+                Some(s) if !(s.node > 0.0 && s.node.is_finite()) => {
+                    errors.push(number_range(s, "the detection threshold must be positive", "not positive").help(
+                        "the threshold is a number of standard deviations above 0, e.g. `beyond 2 sd` (the default)",
                     ));
                     2.0
                 }
@@ -650,7 +740,29 @@ pub fn expectation(
         }
         ExpectKind::Top { k, includes, components, .. } => {
             if k.node < 1 {
-                errors.push(Diagnostic::error("patchbay::range", "top k needs k >= 1", &k.span, "k"));
+                errors.push(
+                    Diagnostic::error("patchbay::range", "top k needs k >= 1", &k.span, "k")
+                        .help("k is how many of the patch's components rank highest by effect, e.g. `expect top 3 heads by ld includes L9.H9`"),
+                );
+            } else if let Some(n) = target_t.and_then(|t| component_count(t, e)) {
+                if k.node as u64 > n as u64 {
+                    let shown =
+                        if overflowed(k.node, &k.span) { k.span.text().trim().to_string() } else { k.node.to_string() };
+                    errors.push(
+                        Diagnostic::error(
+                            "patchbay::range",
+                            format!("top {shown}, but patch `{}` has only {n} component(s) to rank", target.node),
+                            &k.span,
+                            format!("more than {n}"),
+                        )
+                        .with_label(&target.span, format!("{n} component(s) per variant"))
+                        .help(format!(
+                            "k must be between 1 and {n}; e.g. `expect top {} {} by ...`",
+                            n.clamp(1, 3),
+                            target.node
+                        )),
+                    );
+                }
             }
             let cs: Vec<_> = components.iter().filter_map(|c| comp(c, errors)).collect();
             ExpectationKind::Top {
@@ -662,6 +774,13 @@ pub fn expectation(
             }
         }
         ExpectKind::Effect { component, op, value, .. } => {
+            if !value.node.is_finite() {
+                errors.push(
+                    number_range(value, "the effect threshold is not a finite number", "out of range").help(
+                        "compare the effect with an ordinary number, e.g. `expect effect mlp L3 @ end by ld > 0.2`",
+                    ),
+                );
+            }
             let c = comp(component, errors);
             ExpectationKind::Effect {
                 target: target.node.clone(),
@@ -716,6 +835,37 @@ pub fn expectation(
 }
 
 pub type ExpectationKind2 = Expectation;
+
+/// A range error on a decimal number; a literal too large for a number (`1e400`) says so.
+fn number_range(v: &Spanned<f64>, message: &str, label: &str) -> Diagnostic {
+    if v.node.is_infinite() {
+        Diagnostic::error(
+            "patchbay::number_too_large",
+            format!("the number `{}` is out of range (too large for a 64-bit float)", v.span.text().trim()),
+            &v.span,
+            "too large",
+        )
+    } else {
+        Diagnostic::error("patchbay::range", message, &v.span, label)
+    }
+}
+
+/// How many components a `top k` expectation ranks in one variant: the runs of the patch, per
+/// window when `when window = w` names one. None when it depends on the prompts (`positions each`).
+fn component_count(t: &PatchTarget, e: &ast::Expect) -> Option<usize> {
+    let positions = match &t.positions {
+        PositionSelection::All => 1,
+        PositionSelection::List(l) => l.len(),
+        PositionSelection::Each => return None,
+    };
+    let heads = t.heads.as_ref().map(|h| h.len()).unwrap_or(1);
+    let layers = t.layers.as_ref().map(|l| l.len()).unwrap_or(1);
+    let windows = match &t.windows {
+        Some(ws) if !e.when.iter().any(|(a, _)| a.node == "window") => ws.len(),
+        _ => 1,
+    };
+    Some(positions * heads * layers * windows)
+}
 
 /// `0..5, 7` style rendering of a sorted list.
 pub fn compact(xs: &[usize]) -> String {

@@ -21,6 +21,9 @@ pub type Ident = Spanned<String>;
 #[derive(Debug, Clone, Default)]
 pub struct Ast {
     pub statements: Vec<Statement>,
+    /// The file that was parsed (the root of the includes); diagnostics about the whole
+    /// experiment (no model, no dataset) point at its start, even when it has no statements.
+    pub root: Option<std::sync::Arc<super::diag::SourceFile>>,
 }
 
 #[derive(Debug, Clone)]

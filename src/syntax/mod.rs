@@ -26,15 +26,16 @@ pub fn parse(source: &str, path: &Path) -> Result<Ast, Vec<Diagnostic>> {
 pub fn parse_file(path: &Path) -> Result<Ast, Vec<Diagnostic>> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse(&text, path),
-        Err(e) => Err(vec![Diagnostic::bare("patchbay::io", format!("cannot read {}: {e}", path.display()))]),
+        Err(e) => Err(vec![Diagnostic::bare("patchbay::io", format!("cannot read {}: {e}", path.display()))
+            .help("check the path: experiment files are UTF-8 text, e.g. `patchbay check examples/ioi.bay`")]),
     }
 }
 
 /// Parse an already loaded source file, following `include`s.
 pub fn parse_source(file: &Arc<SourceFile>) -> Result<Ast, Vec<Diagnostic>> {
-    let mut ast = Ast::default();
+    let mut ast = Ast { statements: Vec::new(), root: Some(file.clone()) };
     let mut errors = Vec::new();
-    let mut stack = vec![canonical(&file.path)];
+    let mut stack = vec![(canonical(&file.path), display_name(&file.path, &file.dir()))];
     expand(file, false, &mut stack, &mut ast, &mut errors);
     if errors.iter().any(|d| d.is_error()) {
         Err(errors)
@@ -47,12 +48,19 @@ fn canonical(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
+/// A file's name in an include chain: relative to the experiment file's folder where possible.
+fn display_name(path: &Path, root_dir: &Path) -> String {
+    let p = path.strip_prefix(root_dir).unwrap_or(path);
+    let p = p.strip_prefix(".").unwrap_or(p);
+    p.display().to_string()
+}
+
 const MAX_INCLUDE_DEPTH: usize = 16;
 
 fn expand(
     file: &Arc<SourceFile>,
     included: bool,
-    stack: &mut Vec<PathBuf>,
+    stack: &mut Vec<(PathBuf, String)>,
     ast: &mut Ast,
     errors: &mut Vec<Diagnostic>,
 ) {
@@ -63,28 +71,48 @@ fn expand(
         if let StatementKind::Include(target) = &st.kind {
             let path = file.dir().join(&target.node);
             let key = canonical(&path);
-            if stack.contains(&key) {
+            if let Some(i) = stack.iter().position(|(k, _)| *k == key) {
+                // The chain from the first inclusion of the file back to itself.
+                let mut chain: Vec<&str> = stack[i..].iter().map(|(_, n)| n.as_str()).collect();
+                chain.push(stack[i].1.as_str());
+                let message = if chain.len() == 2 {
+                    format!("include cycle: `{}` includes itself", chain[0])
+                } else {
+                    format!("include cycle: {}", chain.join(" -> "))
+                };
                 errors.push(
                     Diagnostic::error(
                         "patchbay::include_cycle",
-                        format!("`{}` includes itself", target.node),
+                        message,
                         &target.span,
-                        "include cycle",
+                        "this include closes the cycle",
                     )
-                    .help("remove one of the includes that form the cycle"),
+                    .help(format!(
+                        "remove one of the includes of the chain {}; put shared definitions in a file that \
+                             includes nothing and include it from the experiment file",
+                        chain.join(" -> ")
+                    )),
                 );
             } else if stack.len() >= MAX_INCLUDE_DEPTH {
-                errors.push(Diagnostic::error(
-                    "patchbay::include_depth",
-                    "includes nested too deeply",
-                    &target.span,
-                    "here",
-                ));
+                errors.push(
+                    Diagnostic::error(
+                        "patchbay::include_depth",
+                        format!("includes nested too deeply (more than {MAX_INCLUDE_DEPTH} files deep)"),
+                        &target.span,
+                        "one include too many",
+                    )
+                    .help(format!(
+                        "includes may nest at most {MAX_INCLUDE_DEPTH} files deep: include the shared files directly \
+                         from the experiment file instead of through a chain (e.g. `include \"{}\"` there)",
+                        target.node
+                    )),
+                );
             } else {
                 match std::fs::read_to_string(&path) {
                     Ok(text) => {
                         let inc = SourceFile::new(&path, text);
-                        stack.push(key);
+                        let root_dir = stack[0].0.parent().map(Path::to_path_buf).unwrap_or_default();
+                        stack.push((key.clone(), display_name(&key, &root_dir)));
                         ast.statements.push(st.clone());
                         expand(&inc, true, stack, ast, errors);
                         stack.pop();

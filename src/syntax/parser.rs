@@ -33,6 +33,8 @@ pub const STATEMENT_KEYWORDS: &[&str] = &[
 struct Ctx<'a> {
     file: &'a Arc<SourceFile>,
     offset: usize,
+    /// Errors found while converting (e.g. `1.5` where an integer is required).
+    errors: std::cell::RefCell<Vec<Diagnostic>>,
 }
 
 impl Ctx<'_> {
@@ -50,6 +52,21 @@ impl Ctx<'_> {
     }
     fn int(&self, pair: Pair<Rule>) -> Spanned<i64> {
         let span = self.span(&pair);
+        if pair.as_str().contains(['.', 'e', 'E']) {
+            self.errors.borrow_mut().push(
+                Diagnostic::error(
+                    "patchbay::syntax",
+                    format!("`{}` is not a whole number", pair.as_str()),
+                    &span,
+                    "an integer is required here",
+                )
+                .help(
+                    "counts, seeds, samples, batch sizes, layers, heads, positions, windows and `top k` are \
+                     integers: write digits only, e.g. `1000` instead of `1e3`",
+                ),
+            );
+            return Spanned::new(0, span);
+        }
         // Out-of-range literals saturate; the checker reports the range problem.
         let v =
             pair.as_str().parse::<i64>().unwrap_or(if pair.as_str().starts_with('-') { i64::MIN } else { i64::MAX });
@@ -99,8 +116,9 @@ pub fn parse_statements(file: &Arc<SourceFile>) -> (Vec<Statement>, Vec<Diagnost
                 let one = pairs.next().expect("one_statement");
                 let end = pos + one.as_span().end();
                 let stmt = one.into_inner().next().expect("statement");
-                let ctx = Ctx { file, offset: pos };
+                let ctx = Ctx { file, offset: pos, errors: Default::default() };
                 statements.push(convert_statement(&ctx, stmt));
+                errors.extend(ctx.errors.into_inner());
                 if end == pos {
                     break;
                 }
