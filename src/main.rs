@@ -153,6 +153,10 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     for prompt in setup::DEMO_PROMPTS {
         print_table(prompt, &predict::predict(&model, prompt, 5, device)?);
     }
+    println!("\nmodel directory: {}", model.path.display());
+    println!(
+        "next: `patchbay check examples/ioi.bay` and `patchbay plan examples/ioi.bay` compile an experiment against it"
+    );
     Ok(true)
 }
 
