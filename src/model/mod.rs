@@ -150,8 +150,12 @@ impl Manifest {
                 dir.display()
             )
         })?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("{} is not a valid patchbay manifest: {e}", path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a valid patchbay manifest: {e}\n  help: re-import the model with `patchbay import --force`",
+                path.display()
+            )
+        })?;
         if manifest.format != MANIFEST_FORMAT {
             anyhow::bail!(
                 "{} has manifest format {}, this patchbay reads format {MANIFEST_FORMAT}\n  help: re-import the model with `patchbay import --force`",

@@ -165,7 +165,7 @@ pub fn session(model: &Path, device: Device) -> anyhow::Result<Session> {
     if device == Device::Cuda {
         builder = with_cuda(builder, rt)?;
     }
-    builder.commit_from_file(model).map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}", model.display()))
+    builder.commit_from_file(model).map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}\n  help: the model directory may be damaged or incomplete; re-import it with `patchbay import --force`", model.display()))
 }
 
 fn with_cuda(
