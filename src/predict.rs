@@ -18,11 +18,11 @@ pub struct Prediction {
     pub candidates: Vec<Candidate>,
 }
 
-/// Tokenise `prompt` (no BOS or other special tokens added), run the model once and rank the
-/// next-token distribution at the last position.
+/// Tokenise `prompt` as every command does (with the special tokens the tokenizer adds, e.g. BOS),
+/// run the model once and rank the next-token distribution at the last position.
 pub fn predict(model: &ModelDir, prompt: &str, top_k: usize, device: Device) -> anyhow::Result<Prediction> {
     let tokenizer = model.tokenizer()?;
-    let encoding = tokenizer.encode(prompt, false).map_err(|e| anyhow::anyhow!("cannot tokenise the prompt: {e}"))?;
+    let encoding = tokenizer.encode(prompt, true).map_err(|e| anyhow::anyhow!("cannot tokenise the prompt: {e}"))?;
     let tokens = encoding.get_ids().to_vec();
     if tokens.is_empty() {
         anyhow::bail!("the prompt is empty after tokenisation\n  help: give a non-empty prompt");

@@ -111,6 +111,7 @@ pub fn tiny(arch: Architecture, seed: u64) -> SynthModel {
         n_ctx: 64,
         norm_eps: 1e-5,
         rope_theta: llama.then_some(10000.0),
+        rope_scaling: None,
         tied_embeddings: !llama,
     };
     let (d, v, q_dim, kv_dim, d_mlp) = (
@@ -333,6 +334,11 @@ impl Checkpoint for SynthModel {
 
     fn tokenizer_json(&self) -> Result<String> {
         Ok(serde_json::to_string_pretty(&self.tokenizer_value())?)
+    }
+
+    /// Synthetic models hold exactly the canonical tensors of their config.
+    fn unused_tensors(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 

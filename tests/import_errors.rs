@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use patchbay::import::{self, gguf::GgufTypes, ImportOptions, Outcome};
+use patchbay::import::quant::GgmlType;
+use patchbay::import::{self, gguf, gguf::GgufTypes, ImportOptions, Outcome};
 use patchbay::model::{Architecture, Manifest};
 use patchbay::synth::{self, WeightDtype};
 
@@ -170,4 +171,165 @@ fn staging_left_by_a_killed_import_is_cleaned_up() {
     std::fs::write(stale.join("model.onnx.data"), "half-written").unwrap();
     import_to(&source, &tmp.path().join("model"), false).unwrap();
     assert!(!stale.exists());
+}
+
+/// A copy of one of the transformers-written fixture checkpoints (tests/fixtures/hf).
+fn fixture_copy(case: &str, dir: &Path) -> PathBuf {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/cases").join(case);
+    let to = dir.join(case);
+    std::fs::create_dir(&to).unwrap();
+    for entry in std::fs::read_dir(&from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+    to
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut json);
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Write a safetensors file of f32 zeros with the given tensor names and shapes.
+fn write_safetensors(path: &Path, tensors: &[(&str, &[usize])]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape) in tensors {
+        let len = 4 * shape.iter().product::<usize>();
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let header = serde_json::Value::Object(header).to_string();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.resize(bytes.len() + offset, 0);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn unknown_rope_type_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture_copy("llama_v5_rope500k_f32", tmp.path());
+    edit_json(&ckpt.join("config.json"), |c| {
+        c["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0})
+    });
+    assert_fails_cleanly(&ckpt, &["RoPE type `yarn`", "rope_parameters", "default, linear and llama3"]);
+}
+
+/// The regression that opened issue 6 still fails loudly if the base is written in a way
+/// patchbay cannot read unambiguously.
+#[test]
+fn conflicting_rope_bases_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture_copy("llama_v5_rope500k_f32", tmp.path());
+    edit_json(&ckpt.join("config.json"), |c| c["rope_theta"] = serde_json::json!(10000.0));
+    assert_fails_cleanly(&ckpt, &["two RoPE bases", "500000", "10000"]);
+}
+
+#[test]
+fn tensors_the_architecture_does_not_use_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture_copy("llama_v5_rope500k_f32", tmp.path());
+    // An output-projection bias (transformers builds none without `attention_bias`) and an
+    // extra norm, in a second weight file.
+    write_safetensors(
+        &ckpt.join("extra.safetensors"),
+        &[("model.layers.0.self_attn.o_proj.bias", &[32]), ("model.layers.1.extra_norm.weight", &[32])],
+    );
+    assert_fails_cleanly(
+        &ckpt,
+        &["2 tensor(s)", "`model.layers.0.self_attn.o_proj.bias`", "`model.layers.1.extra_norm.weight`"],
+    );
+}
+
+#[test]
+fn untied_checkpoint_without_lm_head_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture_copy("llama_v5_tied_mha_bos_f32", tmp.path());
+    edit_json(&ckpt.join("config.json"), |c| c["tie_word_embeddings"] = serde_json::json!(false));
+    assert_fails_cleanly(&ckpt, &["tie_word_embeddings: false", "lm_head.weight"]);
+}
+
+#[test]
+fn bos_flag_disagreeing_with_the_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = fixture_copy("llama_v5_rope500k_f32", tmp.path());
+    edit_json(&ckpt.join("tokenizer_config.json"), |c| c["add_bos_token"] = serde_json::json!(true));
+    assert_fails_cleanly(&ckpt, &["add_bos_token: true", "does not add the bos_token"]);
+}
+
+/// Rewrite a GGUF file with `edit` applied to its metadata and tensors (all stored as F32).
+fn rewrite_gguf(
+    from: &Path,
+    to: &Path,
+    edit: impl FnOnce(&mut Vec<(String, gguf::MetaValue)>, &mut Vec<gguf::GgufTensorData>),
+) {
+    let file = gguf::GgufFile::open(from).unwrap();
+    let mut meta = file.metadata().to_vec();
+    let mut tensors: Vec<gguf::GgufTensorData> = file
+        .tensors()
+        .iter()
+        .map(|t| {
+            let data = file.read_tensor(&t.name).unwrap().unwrap();
+            gguf::GgufTensorData::encode(&t.name, &data, GgmlType::F32).unwrap()
+        })
+        .collect();
+    edit(&mut meta, &mut tensors);
+    gguf::write_gguf(to, &meta, &tensors).unwrap();
+}
+
+fn fixture_gguf(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/cases").join(case).join("model.gguf")
+}
+
+#[test]
+fn gguf_keys_patchbay_does_not_implement_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, gguf::MetaValue, &[&str]); 4] = [
+        ("llama.rope.scaling.type", gguf::MetaValue::String("yarn".into()), &["scaling type `yarn`"]),
+        ("llama.expert_count", gguf::MetaValue::U32(8), &["`llama.expert_count`", "not implemented"]),
+        ("llama.attention.clamp_kqv", gguf::MetaValue::F32(8.0), &["`llama.attention.clamp_kqv`"]),
+        ("llama.rope.scaling.factor", gguf::MetaValue::F32(4.0), &[]),
+    ];
+    for (i, (key, value, needles)) in cases.into_iter().enumerate() {
+        let path = tmp.path().join(format!("edited{i}.gguf"));
+        rewrite_gguf(&fixture_gguf("llama_v5_rope500k_f32"), &path, |meta, _| meta.push((key.into(), value)));
+        if needles.is_empty() {
+            // A linear factor is honoured: it imports (and the factor changes the frequencies).
+            let out = tmp.path().join(format!("model{i}"));
+            import_to(&path, &out, false).unwrap();
+            let manifest = Manifest::load(&out).unwrap();
+            assert!(format!("{:?}", manifest.config.rope_scaling).contains("Linear { factor: 4.0 }"));
+        } else {
+            assert_fails_cleanly(&path, needles);
+        }
+    }
+}
+
+#[test]
+fn gguf_tensors_the_architecture_does_not_use_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("edited.gguf");
+    rewrite_gguf(&fixture_gguf("llama_v5_rope500k_f32"), &path, |_, tensors| {
+        let extra = patchbay::import::checkpoint::Tensor::new(vec![32], vec![0.5; 32]);
+        tensors.push(gguf::GgufTensorData::encode("blk.0.attn_q_norm.weight", &extra, GgmlType::F32).unwrap());
+    });
+    assert_fails_cleanly(&path, &["1 tensor(s)", "`blk.0.attn_q_norm.weight`"]);
+}
+
+/// llama3 RoPE in GGUF lives in `rope_freqs.weight`; a wrong-sized one is refused by name.
+#[test]
+fn gguf_rope_freqs_of_the_wrong_size_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("edited.gguf");
+    rewrite_gguf(&fixture_gguf("llama_v5_llama3_f32"), &path, |_, tensors| {
+        let t = tensors.iter_mut().find(|t| t.name == "rope_freqs.weight").expect("llama3 fixture has rope_freqs");
+        let short = patchbay::import::checkpoint::Tensor::new(vec![4], vec![1.0; 4]);
+        *t = gguf::GgufTensorData::encode("rope_freqs.weight", &short, GgmlType::F32).unwrap();
+    });
+    assert_fails_cleanly(&path, &["rope_freqs.weight has 4 factors", "8 frequencies"]);
 }

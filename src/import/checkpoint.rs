@@ -67,6 +67,11 @@ pub trait Checkpoint: Send + Sync {
 
     /// The tokenizer in Hugging Face `tokenizers` JSON form.
     fn tokenizer_json(&self) -> anyhow::Result<String>;
+
+    /// The checkpoint's own names of the tensors no [`Checkpoint::tensor`] call has read so far.
+    /// After a complete import this must be empty: a tensor the architecture does not use (an
+    /// unexpected bias, an extra norm) means the model computes something patchbay does not.
+    fn unused_tensors(&self) -> Vec<String>;
 }
 
 /// Fetch a tensor that must exist, checking its shape.

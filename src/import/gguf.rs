@@ -7,9 +7,10 @@
 //! alignment (`general.alignment`, default 32), then the tensor data; each tensor's offset is
 //! relative to the start of the data and aligned.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
@@ -17,6 +18,7 @@ use memmap2::Mmap;
 use crate::import::checkpoint::{Checkpoint, Tensor};
 use crate::import::gguf_tokenizer;
 use crate::import::quant::{self, GgmlType};
+use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, ModelConfig};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -724,10 +726,15 @@ fn config_from(file: &GgufFile) -> Result<(ModelConfig, Family)> {
     let eps_key =
         key(if family == Family::Gpt2 { "attention.layer_norm_epsilon" } else { "attention.layer_norm_rms_epsilon" });
     let norm_eps = file.get_f64(&eps_key)?.ok_or_else(|| anyhow::anyhow!("GGUF metadata has no `{eps_key}`"))? as f32;
-    let rope_theta = match family {
-        Family::Gpt2 => None,
-        _ => Some(file.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32),
+    let (rope_theta, rope_scaling) = match family {
+        Family::Gpt2 => (None, None),
+        _ => {
+            // llama.cpp's default base when the key is absent.
+            let theta = file.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32;
+            (Some(theta), rope_scaling(file, arch, d_head)?)
+        }
     };
+    check_metadata_keys(file, arch, d_head)?;
     let vocab_size = match file.tensor_info("token_embd.weight") {
         Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
         Some(t) => bail!("GGUF tensor token_embd.weight has dims {:?}, expected 2", t.dims),
@@ -745,9 +752,124 @@ fn config_from(file: &GgufFile) -> Result<(ModelConfig, Family)> {
         n_ctx,
         norm_eps,
         rope_theta,
+        rope_scaling,
         tied_embeddings: file.tensor_info("output.weight").is_none(),
     };
+    if let Some(n) = file.get_u64(&key("vocab_size"))? {
+        if n as usize != config.vocab_size {
+            bail!(
+                "GGUF metadata `{}` = {n} disagrees with token_embd.weight's {} rows",
+                key("vocab_size"),
+                config.vocab_size
+            );
+        }
+    }
     Ok((config, family))
+}
+
+/// The GGUF tensor of llama.cpp's per-frequency RoPE divisors (how it stores llama3 scaling).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// RoPE scaling from `{arch}.rope.scaling.*` (and the older `rope.scale_linear`) and the
+/// `rope_freqs.weight` tensor, as llama.cpp reads them; what it cannot honour is refused.
+fn rope_scaling(file: &GgufFile, arch: &str, d_head: usize) -> Result<Option<RopeScaling>> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let kind = file.get_str(&key("rope.scaling.type"))?;
+    let factor = match (file.get_f64(&key("rope.scaling.factor"))?, file.get_f64(&key("rope.scale_linear"))?) {
+        (Some(a), Some(b)) if a != b => bail!(
+            "GGUF metadata gives two RoPE scaling factors: `{}` = {a} and `{}` = {b}",
+            key("rope.scaling.factor"),
+            key("rope.scale_linear")
+        ),
+        (Some(f), _) | (None, Some(f)) => Some(f as f32),
+        (None, None) => None,
+    };
+    // llama.cpp treats a factor of 0 as "unset", and 1 scales nothing.
+    let factor = factor.filter(|f| *f != 0.0 && *f != 1.0);
+    let mut scaling = match (kind, factor) {
+        (None | Some("none"), None) => None,
+        (None | Some("linear"), Some(factor)) => Some(RopeScaling::Linear { factor }),
+        (Some("linear"), None) => None,
+        (Some("none"), Some(factor)) => bail!(
+            "GGUF metadata sets `{}` = none but a RoPE scaling factor of {factor}; refusing an ambiguous setting",
+            key("rope.scaling.type")
+        ),
+        (Some(other), _) => bail!(
+            "GGUF RoPE scaling type `{other}` (`{}`) is not supported yet; patchbay implements none, linear and \
+             llama3 (`{ROPE_FREQS}`)",
+            key("rope.scaling.type")
+        ),
+    };
+    if let Some(t) = file.read_tensor(ROPE_FREQS)? {
+        if scaling.is_some() {
+            bail!("GGUF has both `{ROPE_FREQS}` and a linear RoPE scaling factor; patchbay applies one RoPE scaling");
+        }
+        scaling = Some(RopeScaling::FreqFactors { factors: t.data });
+    }
+    crate::model::rope::validate(d_head, scaling.as_ref())?;
+    Ok(scaling)
+}
+
+/// `{arch}.*` metadata keys patchbay reads (in [`config_from`] and [`rope_scaling`]).
+const HONOURED_KEYS: &[&str] = &[
+    "block_count",
+    "context_length",
+    "embedding_length",
+    "feed_forward_length",
+    "vocab_size",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.layer_norm_epsilon",
+    "attention.layer_norm_rms_epsilon",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    // Read by llama.cpp only for YaRN, which is refused; inert for the scalings we implement.
+    "rope.scaling.original_context_length",
+    // A training-history flag that llama.cpp does not compute with.
+    "rope.scaling.finetuned",
+];
+
+/// `{arch}.*` keys whose value is harmless only at the value given (llama.cpp's default).
+const NEUTRAL_VALUES: &[(&str, f64)] = &[
+    ("expert_count", 0.0),
+    ("expert_used_count", 0.0),
+    ("logit_scale", 1.0),
+    ("rope.scaling.attn_factor", 1.0),
+    ("attention.causal", 1.0),
+];
+
+/// No silent defaults: every `{arch}.*` key is honoured, neutral, or refused by name; so is a
+/// split (multi-file) GGUF.
+fn check_metadata_keys(file: &GgufFile, arch: &str, d_head: usize) -> Result<()> {
+    if let Some(n) = file.get_u64("split.count")?.filter(|n| *n > 1) {
+        bail!("this GGUF is one of {n} split files; merge them first (llama.cpp's `llama-gguf-split --merge`)");
+    }
+    let prefix = format!("{arch}.");
+    for (full, value) in file.metadata() {
+        let Some(k) = full.strip_prefix(&prefix) else { continue };
+        if HONOURED_KEYS.contains(&k) {
+            continue;
+        }
+        // patchbay's heads have one size for keys and values.
+        if k == "attention.value_length" && value.as_u64() == Some(d_head as u64) {
+            continue;
+        }
+        let neutral = NEUTRAL_VALUES.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+        let as_number = value.as_f64().or_else(|| value.as_bool().map(|b| if b { 1.0 } else { 0.0 }));
+        match neutral {
+            Some(v) if as_number == Some(v) => continue,
+            _ => bail!(
+                "GGUF metadata `{full}` = {} is not implemented by patchbay, and llama.cpp computes with it\n  \
+                 help: patchbay imports a model only when it computes exactly what the file describes",
+                value.describe()
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// Where a canonical tensor lives in a GGUF file.
@@ -842,13 +964,16 @@ pub struct GgufCheckpoint {
     file: GgufFile,
     config: ModelConfig,
     family: Family,
+    /// GGUF names of the tensors read so far (the RoPE factors are read by [`config_from`]).
+    used: Mutex<BTreeSet<String>>,
 }
 
 impl GgufCheckpoint {
     pub fn open(path: &Path) -> Result<GgufCheckpoint> {
         let file = GgufFile::open(path)?;
         let (config, family) = config_from(&file).with_context(|| format!("cannot import {}", path.display()))?;
-        Ok(GgufCheckpoint { file, config, family })
+        let used = Mutex::new([ROPE_FREQS.to_string()].into());
+        Ok(GgufCheckpoint { file, config, family, used })
     }
 
     pub fn file(&self) -> &GgufFile {
@@ -862,6 +987,7 @@ impl GgufCheckpoint {
         let (gguf, t) = match &src {
             Source::Plain(g) | Source::Permuted(g, _) | Source::Fused(g, _) => (g, self.file.read_tensor(g)?),
         };
+        self.used.lock().expect("not poisoned").insert(gguf.clone());
         let Some(t) = t else { return Ok(None) };
         let row_len = if t.shape.len() == 2 { t.shape[1] } else { 1 };
         let n_rows = t.data.len() / row_len;
@@ -903,6 +1029,11 @@ impl Checkpoint for GgufCheckpoint {
 
     fn format(&self) -> &'static str {
         "gguf"
+    }
+
+    fn unused_tensors(&self) -> Vec<String> {
+        let used = self.used.lock().expect("not poisoned");
+        self.file.tensors().iter().map(|t| t.name.clone()).filter(|n| !used.contains(n)).collect()
     }
 
     fn tokenizer_json(&self) -> Result<String> {
@@ -1336,6 +1467,7 @@ mod tests {
             n_ctx: 16,
             norm_eps: 1e-5,
             rope_theta: llama.then_some(10000.0),
+            rope_scaling: None,
             tied_embeddings: tied,
         }
     }

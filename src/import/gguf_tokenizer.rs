@@ -109,12 +109,18 @@ fn added_tokens(file: &GgufFile, tokens: &[&str]) -> Result<Vec<Value>> {
     Ok(out)
 }
 
-/// A TemplateProcessing post-processor adding BOS / EOS when the GGUF asks for them.
+/// A TemplateProcessing post-processor adding BOS / EOS as llama.cpp does: when the GGUF asks
+/// for them, and without a flag, BOS for the llama3 pre-tokenizer (llama.cpp's default there).
 fn post_processor(file: &GgufFile, tokens: &[&str]) -> Result<Value> {
+    let llama3 = matches!(file.get_str("tokenizer.ggml.pre")?, Some("llama3" | "llama-v3" | "llama-bpe"));
     let mut ends = vec![];
-    for (flag, key) in [("add_bos_token", "bos_token_id"), ("add_eos_token", "eos_token_id")] {
+    for (flag, key, default) in [("add_bos_token", "bos_token_id", llama3), ("add_eos_token", "eos_token_id", false)] {
         let flag = format!("tokenizer.ggml.{flag}");
-        if file.get(&flag).and_then(MetaValue::as_bool) == Some(true) {
+        let wanted = match file.get(&flag) {
+            None => default,
+            Some(v) => v.as_bool().ok_or_else(|| anyhow::anyhow!("GGUF metadata `{flag}` is not a boolean"))?,
+        };
+        if wanted {
             let id = token_id(file, &format!("tokenizer.ggml.{key}"), tokens.len())?
                 .ok_or_else(|| anyhow::anyhow!("GGUF sets `{flag}` but has no `tokenizer.ggml.{key}`"))?;
             ends.push(Some(id));
@@ -325,9 +331,21 @@ mod tests {
         for pre in ["llama3", "llama-bpe", "qwen2", "gpt-2"] {
             let mut meta = bpe_metadata(&s(&["a", "b", "ab", "Ġ"]), &s(&["a b"]));
             meta[1].1 = MetaValue::String(pre.into());
+            meta.push(("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(false)));
             let tok = tokenizer(meta).unwrap();
-            assert_eq!(tok.encode("ab a", false).unwrap().get_ids(), &[2, 3, 0], "{pre}");
+            assert_eq!(tok.encode("ab a", true).unwrap().get_ids(), &[2, 3, 0], "{pre}");
         }
+    }
+
+    /// llama.cpp adds BOS for the llama3 pre-tokenizer unless the file says otherwise.
+    #[test]
+    fn llama3_adds_bos_by_default() {
+        let mut meta = bpe_metadata(&s(&["a", "b", "ab", "Ġ"]), &s(&["a b"]));
+        meta[1].1 = MetaValue::String("llama3".into());
+        let msg = format!("{:#}", tokenizer(meta.clone()).err().unwrap());
+        assert!(msg.contains("add_bos_token") && msg.contains("bos_token_id"), "{msg}");
+        meta.push(("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(0)));
+        assert_eq!(tokenizer(meta).unwrap().encode("ab a", true).unwrap().get_ids(), &[0, 2, 3, 0]);
     }
 
     /// The real SmolLM2 GGUF, when `PATCHBAY_SMOLLM2_GGUF` points at it.

@@ -6,6 +6,8 @@
 pub mod checkpoint;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod hf_config;
+pub mod hf_tokenizer;
 pub mod quant;
 pub mod safetensors;
 
@@ -130,6 +132,17 @@ fn write_model_dir(
     progress.set_message(name.to_string());
     let mut data = onnx::writer::ExternalData::create(&dir.join(ONNX_DATA_FILE))?;
     let model = onnx::build::build(ckpt, &mut data, &progress)?;
+    let unused = ckpt.unused_tensors();
+    if !unused.is_empty() {
+        bail!(
+            "the checkpoint holds {} tensor(s) that patchbay's {} graph does not use: {}\n  help: the model \
+             computes something patchbay does not implement (an extra bias or norm, rotary factors, ...); \
+             importing it without them would give wrong numbers",
+            unused.len(),
+            config.architecture.name(),
+            unused.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        );
+    }
     data.finish()?;
     std::fs::write(dir.join(ONNX_FILE), model.encode_to_vec())?;
     progress.finish_and_clear();

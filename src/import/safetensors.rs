@@ -5,23 +5,21 @@
 //! header ourselves (it is 8 bytes of length + JSON) rather than through the `safetensors` crate
 //! so that every malformed header yields a message naming the file and the tensor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::import::checkpoint::{Checkpoint, Tensor};
+use crate::import::hf_config::parse_config;
 use crate::model::{Architecture, ModelConfig, TOKENIZER_FILE};
 
 pub const CONFIG_FILE: &str = "config.json";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
-/// `config.json` `architectures[0]` values we can import.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"];
 
 /// An opened Hugging Face checkpoint folder.
 pub struct HfCheckpoint {
@@ -30,6 +28,12 @@ pub struct HfCheckpoint {
     files: Vec<SafetensorsFile>,
     /// Tensor name -> (index into `files`, its header entry).
     tensors: HashMap<String, (usize, Entry)>,
+    /// Names of the tensors read so far, to find the ones the import never used.
+    used: Mutex<BTreeSet<String>>,
+    /// Which attention biases transformers builds: Qwen2 always has q/k/v biases; Llama and
+    /// Mistral have q/k/v/o biases exactly when `attention_bias` is true.
+    qkv_bias: bool,
+    o_bias: bool,
 }
 
 /// One memory-mapped `.safetensors` file.
@@ -70,16 +74,51 @@ impl HfCheckpoint {
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
         let config = parse_config(&json).with_context(|| format!("in {}", config_path.display()))?;
 
-        let mut ckpt = HfCheckpoint { dir: dir.to_path_buf(), config, files: Vec::new(), tensors: HashMap::new() };
+        let mut ckpt = HfCheckpoint {
+            dir: dir.to_path_buf(),
+            config,
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            qkv_bias: json["model_type"] == "qwen2" || json["attention_bias"] == true,
+            o_bias: json["attention_bias"] == true,
+        };
         for path in weight_files(dir)? {
             ckpt.add_file(&path)?;
         }
         ckpt.check_index()?;
-        if ckpt.config.architecture == Architecture::Llama && !ckpt.tensors.contains_key("lm_head.weight") {
-            // Some checkpoints tie the unembedding without saying so; HF then reuses the embedding.
-            ckpt.config.tied_embeddings = true;
-        }
+        ckpt.check_unembedding()?;
         Ok(ckpt)
+    }
+
+    /// The unembedding must be where the config says: transformers reads `lm_head.weight` unless
+    /// `tie_word_embeddings` is set, and otherwise ignores it.
+    fn check_unembedding(&self) -> Result<()> {
+        let embedding = match self.config.architecture {
+            Architecture::Llama => "model.embed_tokens.weight",
+            Architecture::Gpt2 => "transformer.wte.weight",
+        };
+        let head = "lm_head.weight";
+        match (self.config.tied_embeddings, self.tensors.contains_key(head)) {
+            (false, false) => bail!(
+                "config.json sets `tie_word_embeddings: false` (or leaves it at false, transformers' default \
+                 here) but the checkpoint has no `{head}`\n  help: a checkpoint that reuses its embedding as \
+                 unembedding says `\"tie_word_embeddings\": true`"
+            ),
+            (true, true) if self.tensors.contains_key(embedding) => {
+                // A tied head saved anyway is harmless only when it is the embedding itself.
+                let (head_t, embed_t) = (self.load(&[head.into()])?, self.load(&[embedding.into()])?);
+                if head_t != embed_t {
+                    bail!(
+                        "config.json ties the unembedding to the embedding (`tie_word_embeddings: true`) but \
+                         `{head}` differs from `{embedding}`; transformers would silently ignore `{head}`\n  \
+                         help: set `\"tie_word_embeddings\": false` if the model was trained with a separate head"
+                    );
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Names of all tensors in the checkpoint's files (Hugging Face names), sorted.
@@ -129,6 +168,7 @@ impl HfCheckpoint {
         let Some(name) = candidates.iter().find(|n| self.tensors.contains_key(*n)) else {
             return Ok(None);
         };
+        self.used.lock().expect("not poisoned").insert(name.clone());
         let (file_index, entry) = &self.tensors[name];
         let file = &self.files[*file_index];
         let bytes = &file.mmap[file.data_start + entry.start..file.data_start + entry.end];
@@ -173,11 +213,11 @@ impl HfCheckpoint {
             "attn.W_K" => required(&format!("{p}.self_attn.k_proj.weight")),
             "attn.W_V" => required(&format!("{p}.self_attn.v_proj.weight")),
             "attn.W_O" => required(&format!("{p}.self_attn.o_proj.weight")),
-            // Biases: Qwen2 has q/k/v, `attention_bias: true` models also o.
-            "attn.b_Q" => self.load(&hf(&format!("{p}.self_attn.q_proj.bias"))),
-            "attn.b_K" => self.load(&hf(&format!("{p}.self_attn.k_proj.bias"))),
-            "attn.b_V" => self.load(&hf(&format!("{p}.self_attn.v_proj.bias"))),
-            "attn.b_O" => self.load(&hf(&format!("{p}.self_attn.o_proj.bias"))),
+            // A bias transformers does not build stays unread, so the import refuses it.
+            "attn.b_Q" if self.qkv_bias => required(&format!("{p}.self_attn.q_proj.bias")),
+            "attn.b_K" if self.qkv_bias => required(&format!("{p}.self_attn.k_proj.bias")),
+            "attn.b_V" if self.qkv_bias => required(&format!("{p}.self_attn.v_proj.bias")),
+            "attn.b_O" if self.o_bias => required(&format!("{p}.self_attn.o_proj.bias")),
             "mlp.W_gate" => required(&format!("{p}.mlp.gate_proj.weight")),
             "mlp.W_in" => required(&format!("{p}.mlp.up_proj.weight")),
             "mlp.W_out" => required(&format!("{p}.mlp.down_proj.weight")),
@@ -191,7 +231,9 @@ impl HfCheckpoint {
         let plain = |suffix: &str| self.load_required(&hf(suffix)).map(Some);
         let d = self.config.d_model;
         match name {
-            "embed.W_E" | "unembed.W_U" => return plain("wte.weight"),
+            "embed.W_E" => return plain("wte.weight"),
+            "unembed.W_U" if self.config.tied_embeddings => return plain("wte.weight"),
+            "unembed.W_U" => return self.load_required(&["lm_head.weight".to_string()]).map(Some),
             "pos_embed.W_pos" => return plain("wpe.weight"),
             "ln_final.w" => return plain("ln_f.weight"),
             "ln_final.b" => return plain("ln_f.bias"),
@@ -256,10 +298,24 @@ impl Checkpoint for HfCheckpoint {
         "safetensors"
     }
 
-    fn tokenizer_json(&self) -> Result<String> {
-        let path = self.dir.join(TOKENIZER_FILE);
-        std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+    fn unused_tensors(&self) -> Vec<String> {
+        let used = self.used.lock().expect("not poisoned");
+        let mut unused: Vec<String> =
+            self.tensors.keys().filter(|name| !used.contains(*name) && !is_buffer(name)).cloned().collect();
+        unused.sort();
+        unused
     }
+
+    fn tokenizer_json(&self) -> Result<String> {
+        crate::import::hf_tokenizer::tokenizer_json(&self.dir)
+    }
+}
+
+/// Constant buffers some exporters save beside the weights: GPT-2's causal mask (`attn.bias`,
+/// `attn.masked_bias`) and llama's rotary `inv_freq`. They hold no learned values, and
+/// transformers ignores them on load and recomputes them from the config.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") || name.ends_with(".rotary_emb.inv_freq")
 }
 
 /// `blocks.{L}.rest` -> (L, rest), for L < n_layers.
@@ -390,109 +446,6 @@ fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
     Ok((data_start, entries))
 }
 
-/// Read `config.json` into a [`ModelConfig`].
-fn parse_config(json: &Value) -> Result<ModelConfig> {
-    let arch_name = json["architectures"][0].as_str().or_else(|| json["model_type"].as_str()).unwrap_or("");
-    let architecture = match arch_name {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
-            Architecture::Llama
-        }
-        "GPT2LMHeadModel" | "gpt2" => Architecture::Gpt2,
-        "" => bail!("config.json names no architecture (neither `architectures` nor `model_type`)"),
-        other => bail!("unsupported architecture `{other}`; patchbay imports {}", SUPPORTED_ARCHITECTURES.join(", ")),
-    };
-    let usize_field = |keys: &[&str]| -> Result<Option<usize>> {
-        for key in keys {
-            match &json[*key] {
-                Value::Null => continue,
-                v => {
-                    let n = v.as_u64().ok_or_else(|| anyhow!("`{key}` should be a non-negative integer, found {v}"))?;
-                    return Ok(Some(n as usize));
-                }
-            }
-        }
-        Ok(None)
-    };
-    let need = |keys: &[&str]| -> Result<usize> {
-        usize_field(keys)?.ok_or_else(|| anyhow!("missing `{}`", keys.join("` / `")))
-    };
-    let f32_field = |key: &str| -> Result<Option<f32>> {
-        match &json[key] {
-            Value::Null => Ok(None),
-            v => v.as_f64().map(|x| Some(x as f32)).ok_or_else(|| anyhow!("`{key}` should be a number, found {v}")),
-        }
-    };
-
-    let d_model = need(&["hidden_size", "n_embd"])?;
-    let n_layers = need(&["num_hidden_layers", "n_layer"])?;
-    let n_heads = need(&["num_attention_heads", "n_head"])?;
-    let n_kv_heads = usize_field(&["num_key_value_heads"])?.unwrap_or(n_heads);
-    let d_head = usize_field(&["head_dim"])?.unwrap_or(d_model / n_heads.max(1));
-    let vocab_size = need(&["vocab_size"])?;
-    let mut n_ctx = need(&["max_position_embeddings", "n_positions", "n_ctx"])?;
-    if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
-        bail!("{n_heads} attention heads cannot share {n_kv_heads} key/value heads");
-    }
-
-    match architecture {
-        Architecture::Llama => {
-            if !json["rope_scaling"].is_null() {
-                bail!(
-                    "rope_scaling {} is not supported; patchbay implements plain RoPE only (rope_scaling: null)",
-                    json["rope_scaling"]
-                );
-            }
-            let act = json["hidden_act"].as_str().unwrap_or("silu");
-            if act != "silu" {
-                bail!("hidden_act `{act}` is not supported for {arch_name}; patchbay implements SwiGLU (silu)");
-            }
-            if json["mlp_bias"].as_bool() == Some(true) {
-                bail!("mlp_bias: true is not supported; patchbay's llama MLP has no biases");
-            }
-            // Sliding-window attention equals full attention on sequences no longer than the
-            // window, so cap the context there instead of implementing the window.
-            let windowed = json["model_type"] == "mistral" || json["use_sliding_window"].as_bool() == Some(true);
-            if let (true, Some(window)) = (windowed, usize_field(&["sliding_window"])?) {
-                n_ctx = n_ctx.min(window);
-            }
-            Ok(ModelConfig {
-                architecture,
-                n_layers,
-                n_heads,
-                n_kv_heads,
-                d_model,
-                d_head,
-                d_mlp: need(&["intermediate_size"])?,
-                vocab_size,
-                n_ctx,
-                norm_eps: f32_field("rms_norm_eps")?.unwrap_or(1e-6),
-                rope_theta: Some(f32_field("rope_theta")?.unwrap_or(10000.0)),
-                tied_embeddings: json["tie_word_embeddings"].as_bool().unwrap_or(false),
-            })
-        }
-        Architecture::Gpt2 => {
-            let act = json["activation_function"].as_str().unwrap_or("gelu_new");
-            if act != "gelu_new" {
-                bail!("activation_function `{act}` is not supported; patchbay's GPT-2 uses gelu_new");
-            }
-            Ok(ModelConfig {
-                architecture,
-                n_layers,
-                n_heads,
-                n_kv_heads,
-                d_model,
-                d_head,
-                d_mlp: usize_field(&["n_inner", "intermediate_size"])?.unwrap_or(4 * d_model),
-                vocab_size,
-                n_ctx,
-                norm_eps: f32_field("layer_norm_epsilon")?.unwrap_or(1e-5),
-                rope_theta: None,
-                tied_embeddings: true,
-            })
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,7 +522,8 @@ mod tests {
     fn folder_with(file: &[u8]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let config = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4,"num_hidden_layers":1,
-            "num_attention_heads":2,"intermediate_size":8,"vocab_size":3,"max_position_embeddings":16}"#;
+            "num_attention_heads":2,"intermediate_size":8,"vocab_size":3,"max_position_embeddings":16,
+            "tie_word_embeddings":true}"#;
         std::fs::write(dir.path().join(CONFIG_FILE), config).unwrap();
         std::fs::write(dir.path().join(TOKENIZER_FILE), "{}").unwrap();
         std::fs::write(dir.path().join("model.safetensors"), file).unwrap();
@@ -610,46 +564,5 @@ mod tests {
         assert!(e.contains("model.layers.0.self_attn.q_proj.weight"), "{e}");
         assert!(ckpt.tensor("blocks.0.attn.b_Q").unwrap().is_none());
         assert!(ckpt.tensor("pos_embed.W_pos").unwrap().is_none());
-    }
-
-    fn config_error(json: &str) -> String {
-        format!("{:#}", parse_config(&serde_json::from_str(json).unwrap()).unwrap_err())
-    }
-
-    #[test]
-    fn config_rejections() {
-        let base = r#""hidden_size":4,"num_hidden_layers":1,"num_attention_heads":2,"intermediate_size":8,"vocab_size":3,"max_position_embeddings":16"#;
-        let e = config_error(&format!(r#"{{"architectures":["FalconForCausalLM"],{base}}}"#));
-        assert!(
-            e.contains("FalconForCausalLM") && e.contains("LlamaForCausalLM") && e.contains("GPT2LMHeadModel"),
-            "{e}"
-        );
-        let e = config_error(&format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"rope_scaling":{{"rope_type":"llama3","factor":8.0}},{base}}}"#
-        ));
-        assert!(e.contains("rope_scaling") && e.contains("llama3"), "{e}");
-        let e = config_error(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":4}"#);
-        assert!(e.contains("num_hidden_layers"), "{e}");
-    }
-
-    #[test]
-    fn config_defaults() {
-        let c = parse_config(
-            &serde_json::from_str(
-                r#"{"architectures":["GPT2LMHeadModel"],"n_embd":8,"n_layer":2,"n_head":2,"vocab_size":5,"n_positions":32,"n_inner":null}"#,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        assert_eq!((c.d_mlp, c.d_head, c.n_kv_heads, c.norm_eps, c.tied_embeddings), (32, 4, 2, 1e-5, true));
-        let c = parse_config(
-            &serde_json::from_str(
-                r#"{"model_type":"mistral","hidden_size":8,"num_hidden_layers":1,"num_attention_heads":4,"num_key_value_heads":2,
-                "intermediate_size":16,"vocab_size":5,"max_position_embeddings":32768,"sliding_window":4096,"rope_theta":1e6}"#,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        assert_eq!((c.n_ctx, c.d_head, c.n_kv_heads, c.rope_theta), (4096, 2, 2, Some(1e6)));
     }
 }

@@ -4,6 +4,7 @@
 //! `tokenizer.json` and the manifest `patchbay.json` described by [`Manifest`].
 
 pub mod reference;
+pub mod rope;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,7 +52,18 @@ pub struct ModelConfig {
     /// RoPE base frequency (llama family only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f32>,
+    /// How the RoPE frequencies are rescaled; `None` for plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<rope::RopeScaling>,
     pub tied_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// The RoPE frequencies (`d_head / 2` of them); `None` for architectures without RoPE.
+    pub fn rope_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.rope_theta?;
+        Some(rope::inv_freq(self.d_head, theta, self.rope_scaling.as_ref()))
+    }
 }
 
 /// One dimension of a hook's shape: a symbolic axis (`batch`, `pos`) or a fixed size.

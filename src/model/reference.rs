@@ -122,10 +122,10 @@ fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Res
     let k = linear(x, &w_k, b_k.as_ref());
     let v = linear(x, &w_v, b_v.as_ref());
     let (q_rot, k_rot) = match c.architecture {
-        // HF's default when a config omits it (and llama.cpp's).
         Architecture::Llama => {
-            let theta = c.rope_theta.unwrap_or(10000.0);
-            (rope(&q, nh, dh, theta), rope(&k, nkv, dh, theta))
+            let inv_freq =
+                c.rope_inv_freq().ok_or_else(|| anyhow::anyhow!("a llama model needs a RoPE base frequency"))?;
+            (rope(&q, nh, dh, &inv_freq), rope(&k, nkv, dh, &inv_freq))
         }
         Architecture::Gpt2 => (q.clone(), k.clone()),
     };
@@ -213,16 +213,15 @@ fn norm(ckpt: &dyn Checkpoint, c: &ModelConfig, prefix: &str, x: &[f32]) -> Resu
 }
 
 /// Rotary position embedding, HF "rotate half" convention, on `[pos, heads, d_head]`:
-/// x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) and frequencies
-/// theta^(-2i/d_head) shared by both halves. Angles are computed in f64 for accuracy.
-fn rope(x: &[f32], heads: usize, dh: usize, theta: f32) -> Vec<f32> {
+/// x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) and frequency `inv_freq[i]`
+/// shared by both halves. Angles are computed in f64 for accuracy.
+fn rope(x: &[f32], heads: usize, dh: usize, inv_freq: &[f32]) -> Vec<f32> {
     let half = dh / 2;
     let mut out = x.to_vec();
     for (idx, head) in out.chunks_exact_mut(dh).enumerate() {
         let pos = (idx / heads) as f64;
         for i in 0..half {
-            let inv_freq = (theta as f64).powf(-2.0 * i as f64 / dh as f64);
-            let (sin, cos) = (pos * inv_freq).sin_cos();
+            let (sin, cos) = (pos * inv_freq[i] as f64).sin_cos();
             let (x1, x2) = (head[i] as f64, head[i + half] as f64);
             head[i] = (x1 * cos - x2 * sin) as f32;
             head[i + half] = (x2 * cos + x1 * sin) as f32;
@@ -456,7 +455,8 @@ mod tests {
         let k: Vec<f32> = (0..dh).map(|i| (i as f32 * 1.3).cos()).collect();
         // One head at positions 0..6: position 0 is untouched, norms are preserved, and
         // q_rot(i) . k_rot(j) depends only on i - j.
-        let at = |x: &[f32]| rope(&x.repeat(6), 1, dh, theta);
+        let inv_freq = crate::model::rope::inv_freq(dh, theta, None);
+        let at = |x: &[f32]| rope(&x.repeat(6), 1, dh, &inv_freq);
         let (qr, kr) = (at(&q), at(&k));
         assert_close(&qr[..dh], &q, 1e-6, "position 0");
         let norm = |v: &[f32]| dot(v, v).sqrt();

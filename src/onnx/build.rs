@@ -95,6 +95,7 @@ pub fn weight_count(config: &ModelConfig) -> u64 {
 }
 
 fn validate(c: &ModelConfig) -> anyhow::Result<()> {
+    crate::model::rope::validate(c.d_head, c.rope_scaling.as_ref())?;
     let ok = c.n_layers > 0
         && c.n_heads > 0
         && c.n_kv_heads > 0
@@ -200,15 +201,16 @@ impl Builder<'_> {
     /// input positions: [batch, pos, 1, d_head].
     fn rope_tables(&mut self) -> anyhow::Result<(String, String)> {
         let c = &self.config;
-        let theta = c.rope_theta.unwrap_or(10_000.0) as f64;
+        let inv_freq = c
+            .rope_inv_freq()
+            .ok_or_else(|| anyhow::anyhow!("a {} model needs a RoPE base frequency", c.architecture.name()))?;
         let half = c.d_head / 2;
         let mut cos = Vec::with_capacity(c.n_ctx * c.d_head);
         let mut sin = Vec::with_capacity(c.n_ctx * c.d_head);
         for pos in 0..c.n_ctx {
             for i in 0..c.d_head {
-                // HF computes inv_freq in f32; do the same so tables match bit for bit as far as possible.
-                let inv_freq = (1.0 / theta.powf((2 * (i % half)) as f64 / c.d_head as f64)) as f32;
-                let angle = pos as f32 * inv_freq;
+                // f32 like transformers, so the tables match its own as closely as possible.
+                let angle = pos as f32 * inv_freq[i % half];
                 cos.push(angle.cos());
                 sin.push(angle.sin());
             }

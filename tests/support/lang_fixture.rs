@@ -33,6 +33,7 @@ pub fn config(
         n_ctx: 2048,
         norm_eps: 1e-5,
         rope_theta: Some(10000.0),
+        rope_scaling: None,
         tied_embeddings: true,
     }
 }
