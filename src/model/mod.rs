@@ -15,7 +15,8 @@ pub const MANIFEST_FILE: &str = "patchbay.json";
 pub const ONNX_FILE: &str = "model.onnx";
 pub const ONNX_DATA_FILE: &str = "model.onnx.data";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
-pub const MANIFEST_FORMAT: u32 = 1;
+/// 2: the unembedding reads batch and positions from the residual stream, not the input.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -401,8 +401,9 @@ impl Builder<'_> {
         let rows = g.const_i64(&format!("const.shape_rows_{}", c.d_model), &[-1, c.d_model as i64]);
         let x2 = g.op("unembed", "Reshape", &[&x, &rows], vec![]);
         let logits2 = g.op("unembed", "Gemm", &[&x2, &w_u], vec![attr_int("transB", 1)]);
-        // Back to [batch, pos, vocab], reading batch and pos from the input.
-        let shape = g.op("unembed", "Shape", &["input_ids"], vec![]);
+        // Back to [batch, pos, vocab], reading batch and pos from the normed residual stream
+        // itself, so a graph cut to fewer positions (the engine unembeds only the last) works.
+        let shape = g.op("unembed", "Shape", &[&x], vec![attr_int("start", 0), attr_int("end", 2)]);
         let vocab = g.const_i64(&format!("const.vocab_{}", c.vocab_size), &[c.vocab_size as i64]);
         let out_shape = g.op("unembed", "Concat", &[&shape, &vocab], vec![attr_int("axis", 0)]);
         Ok(g.op_named("Reshape", &[&logits2, &out_shape], LOGITS, vec![]))

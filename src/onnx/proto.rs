@@ -70,6 +70,7 @@ pub struct NodeProto {
 /// `AttributeProto.AttributeType` values used here.
 pub mod attribute_type {
     pub const FLOAT: i32 = 1;
+    pub const BOOL: i32 = 9;
     pub const INT: i32 = 2;
     pub const INTS: i32 = 7;
 }
@@ -95,6 +96,7 @@ pub struct AttributeProto {
 /// `TensorProto.DataType` values used here.
 pub mod data_type {
     pub const FLOAT: i32 = 1;
+    pub const BOOL: i32 = 9;
     pub const INT64: i32 = 7;
 }
 

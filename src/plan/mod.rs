@@ -75,6 +75,8 @@ pub struct PatchRun {
     pub window: Option<(usize, usize)>,
     /// A single-layer run added only to compute the summation baseline.
     pub baseline_only: bool,
+    /// The target asks for the summation baseline of its windows.
+    pub summation: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -177,6 +179,7 @@ fn expand_patches(t: &PatchTarget, n_layers: usize, common_len: Option<usize>) -
                     label: component_label(layers, *h, p.as_ref(), *window),
                     window: *window,
                     baseline_only: *baseline_only,
+                    summation: t.summation,
                 });
             }
         }

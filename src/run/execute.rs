@@ -1,0 +1,495 @@
+//! Executing one variant: the clean, corrupted and patched runs, and each run's metrics.
+//!
+//! Two executors compute the same numbers:
+//! - [`fast`]: clean and corrupted runs once per prompt (and noise sample), their activations
+//!   cached; patched runs batched many (prompt, component) pairs per ONNX Runtime call; a
+//!   patch that writes exactly the base run's own values is not run (its result is the base).
+//! - [`reference`]: written for clarity, to check the fast path: for every (component, prompt,
+//!   sample) it recomputes the source and base runs and does one plain patched forward pass.
+
+use anyhow::{bail, Result};
+use rand::{Rng as _, SeedableRng as _};
+use rand_chacha::ChaCha8Rng;
+
+use crate::check::types::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
+use crate::import::checkpoint::Tensor;
+use crate::model::Dim;
+use crate::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
+use crate::run::engine::{concrete, Engine, HookPatch, Pass};
+use crate::run::metrics::{self, Readout};
+use crate::syntax::ast::Position;
+
+pub const EMBED_HOOK: &str = "hook_embed";
+
+/// Metric values of one variant: `[metric][prompt]`, noise samples already averaged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantValues {
+    pub clean: Vec<Vec<f64>>,
+    /// `None` for ablations (no corrupted run).
+    pub corrupted: Option<Vec<Vec<f64>>>,
+    /// `[patch run][metric][prompt]`.
+    pub patched: Vec<Vec<Vec<f64>>>,
+    /// Patched forward passes actually run (no-ops skipped).
+    pub passes_run: u64,
+}
+
+/// The hooks a variant patches (and captures), in a fixed order.
+pub fn hooks(variant: &Variant) -> Vec<String> {
+    let mut hooks: Vec<String> = variant.patches.iter().flat_map(|p| p.hooks.iter().cloned()).collect();
+    if matches!(variant.corruption_kind, CorruptionKind::Noise { .. }) {
+        hooks.push(EMBED_HOOK.to_string());
+    }
+    hooks.sort();
+    hooks.dedup();
+    hooks
+}
+
+/// Everything about a variant's runs that both executors share.
+pub struct Setup<'a> {
+    pub variant: &'a Variant,
+    pub metrics: &'a [PlanMetric],
+    /// The engine's patchable hooks (= [`hooks`]) with their shapes.
+    pub hooks: Vec<(String, Vec<Dim>)>,
+    pub n_heads_by_hook: Vec<Option<usize>>,
+}
+
+impl<'a> Setup<'a> {
+    pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], engine: &Engine) -> Setup<'a> {
+        let hooks = engine.patchable.clone();
+        let n_heads_by_hook = hooks.iter().map(|(_, dims)| head_axis(dims).map(|a| fixed(dims, a))).collect();
+        Setup { variant, metrics, hooks, n_heads_by_hook }
+    }
+
+    fn hook_index(&self, name: &str) -> usize {
+        self.hooks.iter().position(|(h, _)| h == name).expect("every patched hook is patchable")
+    }
+
+    fn samples(&self) -> usize {
+        self.variant.corruption_kind.samples()
+    }
+
+    /// The clean pass of prompt `p`.
+    fn clean_pass(&self, p: usize) -> Pass {
+        Pass { ids: self.variant.prompts[p].clean_ids.clone(), patches: vec![] }
+    }
+
+    /// The corrupted pass of prompt `p`, sample `s` (`None` for ablations). `clean_embed` is
+    /// the clean run's `hook_embed`, needed for Gaussian noise.
+    fn corrupted_pass(&self, p: usize, s: usize, clean_embed: Option<&Tensor>, nu: f64) -> Option<Pass> {
+        let prompt = &self.variant.prompts[p];
+        match (&prompt.corrupted, &self.variant.corruption_kind) {
+            (CorruptedPrompt::Tokens { ids, .. }, _) => Some(Pass { ids: ids.clone(), patches: vec![] }),
+            (CorruptedPrompt::Noise { positions }, CorruptionKind::Noise { seed, .. }) => {
+                let embed = clean_embed.expect("noise needs the clean embeddings");
+                let value = noised(embed, positions, nu, *seed, p, s);
+                let hook = self.hook_index(EMBED_HOOK);
+                Some(Pass {
+                    ids: prompt.clean_ids.clone(),
+                    patches: vec![HookPatch { hook, mask: vec![true; value.len()], value }],
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The mask of `run`'s component on hook `hook` for prompt `p`.
+    fn component_mask(&self, run: &PatchRun, hook: usize, p: usize) -> Vec<bool> {
+        let prompt = &self.variant.prompts[p];
+        let dims = &self.hooks[hook].1;
+        let shape = concrete(dims, None, prompt.clean_ids.len());
+        let pos_axis = dims
+            .iter()
+            .filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"))
+            .position(|d| matches!(d, Dim::Symbolic(_)));
+        let head = head_axis(dims).and_then(|a| run.head.map(|h| (a, h)));
+        let position = run.position.as_ref().map(|pos| resolve(pos, prompt));
+        let mut mask = vec![false; shape.iter().product()];
+        let mut index = vec![0usize; shape.len()];
+        for m in mask.iter_mut() {
+            let head_ok = head.is_none_or(|(a, h)| index[a] == h);
+            let pos_ok = match (position, pos_axis) {
+                (Some(q), Some(a)) => index[a] == q,
+                _ => true,
+            };
+            *m = head_ok && pos_ok;
+            for axis in (0..shape.len()).rev() {
+                index[axis] += 1;
+                if index[axis] < shape[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+        mask
+    }
+
+    /// Every metric of one run.
+    fn values(&self, logits: &[f32], p: usize, clean_log_probs: &[f64]) -> Vec<f64> {
+        let lp = metrics::log_probs(logits);
+        let prompt = &self.variant.prompts[p];
+        let r = Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(Answer::ids), clean_log_probs };
+        self.metrics.iter().map(|m| metrics::value(m.kind, logits, &lp, &r)).collect()
+    }
+}
+
+/// Index into a prompt's position table.
+pub fn resolve(pos: &Position, prompt: &PlannedPrompt) -> usize {
+    let len = prompt.clean_ids.len();
+    let lookup = |label: &str| prompt.positions.iter().find(|(l, _)| l == label).map(|(_, i)| *i);
+    match pos {
+        Position::End => len - 1,
+        Position::Index(i) if *i < 0 => (len as i64 + i) as usize,
+        Position::Index(i) => *i as usize,
+        Position::Slot { name, first: true } => lookup(&format!("first {name}")).or_else(|| lookup(name)).unwrap_or(0),
+        Position::Slot { name, first: false } => lookup(name).unwrap_or(0),
+    }
+}
+
+/// The head axis of a hook's unbatched shape: the first fixed axis of a rank-3 shape
+/// (`[pos, heads, d_head]`, `[heads, q_pos, k_pos]`).
+fn head_axis(dims: &[Dim]) -> Option<usize> {
+    let unbatched: Vec<&Dim> = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch")).collect();
+    (unbatched.len() == 3).then(|| unbatched.iter().position(|d| matches!(d, Dim::Fixed(_)))).flatten()
+}
+
+fn fixed(dims: &[Dim], axis: usize) -> usize {
+    let unbatched: Vec<&Dim> = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch")).collect();
+    match unbatched[axis] {
+        Dim::Fixed(n) => *n,
+        Dim::Symbolic(_) => 0,
+    }
+}
+
+/// Gaussian noise eps ~ N(0, nu^2) added to the embedding rows at `positions`.
+///
+/// Stream: ChaCha8 seeded with the corruption's seed, stream number `prompt << 32 | sample`;
+/// normals by Box-Muller, positions in order, each row's `d_model` values in order.
+pub fn noised(embed: &Tensor, positions: &[usize], nu: f64, seed: u64, prompt: usize, sample: usize) -> Vec<f32> {
+    let d = embed.shape[1];
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(((prompt as u64) << 32) | sample as u64);
+    let mut out = embed.data.clone();
+    for &pos in positions {
+        for x in &mut out[pos * d..(pos + 1) * d] {
+            *x = (*x as f64 + nu * standard_normal(&mut rng)) as f32;
+        }
+    }
+    out
+}
+
+fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
+    // Box-Muller; 1 - u keeps the logarithm finite.
+    let u1: f64 = 1.0 - rng.gen::<f64>();
+    let u2: f64 = rng.gen::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// nu = scale x the standard deviation (n - 1, as torch's `std`) of the clean token embeddings
+/// at the noised positions, pooled over all of the dataset's prompts.
+pub fn noise_sd(variant: &Variant, clean_embeds: &[Tensor]) -> f64 {
+    let CorruptionKind::Noise { scale, .. } = variant.corruption_kind else { return 0.0 };
+    let mut values = vec![];
+    for (prompt, embed) in variant.prompts.iter().zip(clean_embeds) {
+        if let CorruptedPrompt::Noise { positions } = &prompt.corrupted {
+            let d = embed.shape[1];
+            for &p in positions {
+                values.extend(embed.data[p * d..(p + 1) * d].iter().map(|&x| x as f64));
+            }
+        }
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    scale * var.sqrt()
+}
+
+/// The cached clean and corrupted runs of a variant.
+struct Runs {
+    clean_logits: Vec<Vec<f32>>,
+    /// `[prompt][hook]`.
+    clean_acts: Vec<Vec<Tensor>>,
+    /// `[prompt][sample]`; empty for ablations.
+    corrupted_logits: Vec<Vec<Vec<f32>>>,
+    /// `[prompt][sample][hook]`.
+    corrupted_acts: Vec<Vec<Vec<Tensor>>>,
+    /// `[prompt][sample]`.
+    corrupted_passes: Vec<Vec<Pass>>,
+    /// Mean ablation: the clean activations averaged over prompts, `[hook]`.
+    means: Vec<Tensor>,
+}
+
+impl Setup<'_> {
+    /// Pooled noise sd from the clean runs' embeddings (0 without noise).
+    fn nu(&self, clean_acts: &[Vec<Tensor>]) -> f64 {
+        if !matches!(self.variant.corruption_kind, CorruptionKind::Noise { .. }) {
+            return 0.0;
+        }
+        let embed = self.hook_index(EMBED_HOOK);
+        let embeds: Vec<Tensor> = clean_acts.iter().map(|a| a[embed].clone()).collect();
+        noise_sd(self.variant, &embeds)
+    }
+
+    fn means(&self, clean_acts: &[Vec<Tensor>]) -> Result<Vec<Tensor>> {
+        if !matches!(self.variant.corruption_kind, CorruptionKind::Ablation { kind: AblationKind::Mean, .. }) {
+            return Ok(vec![]);
+        }
+        let n = clean_acts.len() as f64;
+        (0..self.hooks.len())
+            .map(|h| {
+                let first = &clean_acts[0][h];
+                if clean_acts.iter().any(|a| a[h].shape != first.shape) {
+                    bail!("mean ablation needs prompts of one token count (variant {})", self.variant.label);
+                }
+                let mut sum = vec![0f64; first.data.len()];
+                for a in clean_acts {
+                    for (s, &x) in sum.iter_mut().zip(&a[h].data) {
+                        *s += x as f64;
+                    }
+                }
+                Ok(Tensor::new(first.shape.clone(), sum.into_iter().map(|s| (s / n) as f32).collect()))
+            })
+            .collect()
+    }
+
+    /// The base pass, its activations at every hook, and the source activations a patch
+    /// writes, for prompt `p` and sample `s`.
+    fn base_and_source<'r>(&self, runs: &'r Runs, p: usize, s: usize) -> (Pass, &'r [Tensor], Vec<Tensor>) {
+        let clean = &runs.clean_acts[p];
+        match (self.variant.direction, &self.variant.corruption_kind) {
+            (_, CorruptionKind::Ablation { kind, .. }) => {
+                let source = match kind {
+                    AblationKind::Zero => {
+                        clean.iter().map(|t| Tensor::new(t.shape.clone(), vec![0.0; t.data.len()])).collect()
+                    }
+                    AblationKind::Mean => runs.means.clone(),
+                    AblationKind::Resample => match self.variant.prompts[p].corrupted {
+                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => runs.clean_acts[q].clone(),
+                        _ => clean.clone(),
+                    },
+                };
+                (self.clean_pass(p), clean, source)
+            }
+            (Direction::Denoise, _) => (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s], clean.clone()),
+            (Direction::Noise, _) => (self.clean_pass(p), clean, runs.corrupted_acts[p][s].clone()),
+        }
+    }
+
+    /// The patched pass of `run` on prompt `p`, sample `s`; `None` when the patch writes
+    /// exactly the values the base run already has (a no-op).
+    fn patched_pass(
+        &self,
+        run: &PatchRun,
+        p: usize,
+        base: &Pass,
+        base_acts: &[Tensor],
+        source: &[Tensor],
+    ) -> (Pass, bool) {
+        let mut pass = base.clone();
+        let mut noop = true;
+        for hook_name in &run.hooks {
+            let h = self.hook_index(hook_name);
+            let mask = self.component_mask(run, h, p);
+            let src = &source[h].data;
+            noop &= mask
+                .iter()
+                .zip(src.iter().zip(&base_acts[h].data))
+                .all(|(&m, (a, b))| !m || a.to_bits() == b.to_bits());
+            match pass.patches.iter_mut().find(|x| x.hook == h) {
+                // The base run already overwrites this hook (noised embeddings): the component's
+                // part comes from the source, the rest stays as the base wrote it.
+                Some(existing) => {
+                    for ((v, m), &x) in existing.value.iter_mut().zip(&mask).zip(src) {
+                        if *m {
+                            *v = x;
+                        }
+                    }
+                }
+                None => pass.patches.push(HookPatch { hook: h, value: src.clone(), mask }),
+            }
+        }
+        (pass, noop)
+    }
+
+    /// `[metric][prompt]` from each prompt's runs (noise samples averaged).
+    fn per_prompt(&self, logits: &[Vec<&Vec<f32>>], clean_lp: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let mut out = vec![vec![0f64; logits.len()]; self.metrics.len()];
+        for (p, samples) in logits.iter().enumerate() {
+            for l in samples {
+                for (m, v) in self.values(l, p, &clean_lp[p]).into_iter().enumerate() {
+                    out[m][p] += v / samples.len() as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn collect(&self, runs: &Runs, patched_logits: &[Vec<Vec<Vec<f32>>>], passes_run: u64) -> VariantValues {
+        let clean_lp: Vec<Vec<f64>> = runs.clean_logits.iter().map(|l| metrics::log_probs(l)).collect();
+        let clean: Vec<Vec<&Vec<f32>>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
+        let corrupted = (!runs.corrupted_logits.is_empty()).then(|| {
+            let logits: Vec<Vec<&Vec<f32>>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
+            self.per_prompt(&logits, &clean_lp)
+        });
+        let patched = patched_logits
+            .iter()
+            .map(|run| {
+                let logits: Vec<Vec<&Vec<f32>>> = run.iter().map(|s| s.iter().collect()).collect();
+                self.per_prompt(&logits, &clean_lp)
+            })
+            .collect();
+        VariantValues { clean: self.per_prompt(&clean, &clean_lp), corrupted, patched, passes_run }
+    }
+}
+
+/// Run `passes` in chunks of `rows`, capturing hooks when asked.
+fn run_chunked(
+    engine: &mut Engine,
+    passes: &[Pass],
+    rows: usize,
+    capture: bool,
+) -> Result<Vec<(Vec<f32>, Vec<Tensor>)>> {
+    let mut out = Vec::with_capacity(passes.len());
+    for chunk in passes.chunks(rows.max(1)) {
+        out.extend(engine.run(chunk, capture)?.into_iter().map(|o| (o.logits, o.captures)));
+    }
+    Ok(out)
+}
+
+/// Clean and corrupted runs, once per prompt (and sample), activations cached.
+fn cached_runs(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<Runs> {
+    let n = setup.variant.prompts.len();
+    let clean: Vec<Pass> = (0..n).map(|p| setup.clean_pass(p)).collect();
+    let (clean_logits, clean_acts): (Vec<_>, Vec<_>) = run_chunked(engine, &clean, rows, true)?.into_iter().unzip();
+    let nu = setup.nu(&clean_acts);
+    let embed = hooks_position(setup, EMBED_HOOK);
+    let mut corrupted_passes = vec![];
+    for (p, acts) in clean_acts.iter().enumerate() {
+        let passes: Option<Vec<Pass>> =
+            (0..setup.samples()).map(|s| setup.corrupted_pass(p, s, embed.map(|e| &acts[e]), nu)).collect();
+        corrupted_passes.push(passes.unwrap_or_default());
+    }
+    let flat: Vec<Pass> = corrupted_passes.iter().flatten().cloned().collect();
+    let mut results = run_chunked(engine, &flat, rows, true)?.into_iter();
+    let (mut corrupted_logits, mut corrupted_acts) = (vec![], vec![]);
+    for passes in &corrupted_passes {
+        let (l, a): (Vec<_>, Vec<_>) = results.by_ref().take(passes.len()).unzip();
+        corrupted_logits.push(l);
+        corrupted_acts.push(a);
+    }
+    if corrupted_passes.iter().all(Vec::is_empty) {
+        corrupted_logits.clear();
+    }
+    let means = setup.means(&clean_acts)?;
+    Ok(Runs { clean_logits, clean_acts, corrupted_logits, corrupted_acts, corrupted_passes, means })
+}
+
+fn hooks_position(setup: &Setup, name: &str) -> Option<usize> {
+    setup.hooks.iter().position(|(h, _)| h == name)
+}
+
+/// The fast executor: cached clean/corrupted runs, batched patched runs, no-ops skipped.
+pub fn fast(setup: &Setup, engine: &mut Engine, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
+    let runs = cached_runs(setup, engine, rows)?;
+    let n = setup.variant.prompts.len();
+    let samples = setup.samples();
+    // [run][prompt][sample] -> logits
+    let mut patched: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
+    let mut pending: Vec<(usize, usize, usize, Pass)> = vec![];
+    let mut passes_run = 0;
+    let mut flush =
+        |pending: &mut Vec<(usize, usize, usize, Pass)>, patched: &mut Vec<Vec<Vec<Vec<f32>>>>| -> Result<()> {
+            let passes: Vec<Pass> = pending.iter().map(|x| x.3.clone()).collect();
+            for ((r, p, s, _), out) in pending.drain(..).zip(engine.run(&passes, false)?) {
+                patched[r][p][s] = out.logits;
+            }
+            passes_run += passes.len() as u64;
+            progress(passes.len() as u64);
+            Ok(())
+        };
+    for (r, run) in setup.variant.patches.iter().enumerate() {
+        for p in 0..n {
+            for s in 0..samples {
+                let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
+                let (pass, noop) = setup.patched_pass(run, p, &base, base_acts, &source);
+                if noop {
+                    patched[r][p][s] = base_logits(&runs, setup, p, s).clone();
+                    progress(1);
+                    continue;
+                }
+                pending.push((r, p, s, pass));
+                if pending.len() >= rows {
+                    flush(&mut pending, &mut patched)?;
+                }
+            }
+        }
+    }
+    flush(&mut pending, &mut patched)?;
+    Ok(setup.collect(&runs, &patched, passes_run))
+}
+
+fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Vec<f32> {
+    match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
+        (Direction::Denoise, false) => &runs.corrupted_logits[p][s],
+        _ => &runs.clean_logits[p],
+    }
+}
+
+/// The reference executor: one plain forward pass per (component, prompt, sample), after
+/// recomputing that prompt's clean and corrupted runs; no batching, no caching, no skipping.
+pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
+    // The pooled noise sd and the ablation means are statistics of the whole dataset's clean
+    // runs, not a cache of this executor: computed once, as the definition says.
+    let dataset = cached_runs(setup, engine, 1)?;
+    let n = setup.variant.prompts.len();
+    let samples = setup.samples();
+    let mut patched = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
+    let mut passes_run = 0;
+    for (run, run_logits) in setup.variant.patches.iter().zip(patched.iter_mut()) {
+        for (p, prompt_logits) in run_logits.iter_mut().enumerate() {
+            for (s, logits) in prompt_logits.iter_mut().enumerate() {
+                // This prompt's runs, recomputed; the other prompts' slots stay empty.
+                let mut fresh = Runs {
+                    clean_logits: vec![vec![]; n],
+                    clean_acts: vec![vec![]; n],
+                    corrupted_logits: vec![vec![]; n],
+                    corrupted_acts: vec![vec![]; n],
+                    corrupted_passes: vec![vec![]; n],
+                    means: dataset.means.clone(),
+                };
+                let clean = engine.run(&[setup.clean_pass(p)], true)?.remove(0);
+                fresh.clean_logits[p] = clean.logits;
+                fresh.clean_acts[p] = clean.captures;
+                if let CorruptedPrompt::Ablation { source_prompt: Some(q) } = setup.variant.prompts[p].corrupted {
+                    fresh.clean_acts[q] = engine.run(&[setup.clean_pass(q)], true)?.remove(0).captures;
+                }
+                if let Some(pass) = dataset.corrupted_passes[p].get(s) {
+                    let corrupted = engine.run(std::slice::from_ref(pass), true)?.remove(0);
+                    fresh.corrupted_passes[p] = vec![pass.clone(); s + 1];
+                    fresh.corrupted_logits[p] = vec![corrupted.logits; s + 1];
+                    fresh.corrupted_acts[p] = vec![corrupted.captures; s + 1];
+                }
+                let (base, base_acts, source) = setup.base_and_source(&fresh, p, s);
+                let (pass, _) = setup.patched_pass(run, p, &base, base_acts, &source);
+                *logits = engine.run(&[pass], false)?.remove(0).logits;
+                passes_run += 1;
+            }
+        }
+    }
+    Ok(setup.collect(&dataset, &patched, passes_run))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn noise_is_seeded_per_prompt_and_sample() {
+        let embed = Tensor::new(vec![3, 4], vec![0.0; 12]);
+        let a = noised(&embed, &[1], 1.0, 7, 0, 0);
+        assert_eq!(a, noised(&embed, &[1], 1.0, 7, 0, 0));
+        assert_ne!(a, noised(&embed, &[1], 1.0, 7, 0, 1));
+        assert_ne!(a, noised(&embed, &[1], 1.0, 7, 1, 0));
+        assert!(a[..4].iter().chain(&a[8..]).all(|x| *x == 0.0));
+        assert!(a[4..8].iter().all(|x| *x != 0.0));
+    }
+}

@@ -1,0 +1,208 @@
+//! `patchbay run` on tiny synthetic models: the fast executor against the reference executor,
+//! and the invariants of activation patching.
+
+use std::path::{Path, PathBuf};
+
+use patchbay::import::{self, ImportOptions};
+use patchbay::model::Architecture;
+use patchbay::run::{self, results::Row, Executor, RunOptions};
+use patchbay::synth::{self, WeightDtype};
+
+/// A tiny model of `arch` imported into `<dir>/model`, and an experiment file using it.
+fn setup(dir: &Path, arch: Architecture, body: &str) -> PathBuf {
+    runtime();
+    let ckpt = dir.join("ckpt");
+    synth::tiny(arch, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
+    import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
+    let file = dir.join("exp.bay");
+    let text = format!(
+        r#"model "model"
+pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob"]
+dataset ioi {{
+  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  slot PLACE from [" store", " park"]
+  slot OBJECT from [" drink", " book"]
+  count 3  seed 1
+  answer IO  wrong S1
+}}
+{body}"#
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn runtime() {
+    patchbay::runtime::ensure(true).unwrap();
+}
+
+fn run_file(file: &Path, executor: Executor) -> run::Outcome {
+    let exp = patchbay::check::check_file(file, None)
+        .unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| d.render_terminal()).collect::<Vec<_>>()));
+    run::run(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap()
+}
+
+/// Every cell of `a` equals `b`'s within 1e-4 (absolute on normalised values, relative on raw).
+fn assert_rows_close(a: &[Row], b: &[Row]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x.target, &x.component, x.variant), (&y.target, &y.component, y.variant));
+        for (cx, cy) in x.cells.iter().zip(&y.cells) {
+            let pairs = [
+                (cx.value, cy.value),
+                (Some(cx.effect), Some(cy.effect)),
+                (cx.patched, cy.patched),
+                (cx.corrupted, cy.corrupted),
+            ];
+            for (u, v) in pairs {
+                match (u, v) {
+                    (Some(u), Some(v)) => {
+                        let tol = 1e-4 * (1.0 + u.abs().max(v.abs()));
+                        assert!((u - v).abs() <= tol, "{} {}: {u} vs {v}", x.target, x.component);
+                    }
+                    (u, v) => assert_eq!(u.is_some(), v.is_some()),
+                }
+            }
+        }
+    }
+}
+
+const ALL_KINDS: &str = r#"
+corruption s2_io = replace S2 with IO
+corruption gn = noise on S2 scale 3 samples 2 seed 7
+corruption zero = zero ablation
+corruption mean = mean ablation
+corruption other = resample ablation seed 3
+patch heads = attn.hook_z layers all heads all
+patch kv = attn.hook_v layers 1 heads all positions [S2, end]
+patch resid = hook_resid_pre layers all positions each
+patch joint = {hook_attn_out, hook_mlp_out} layers 0 positions end
+patch win = hook_mlp_out layers all window [2] with summation baseline
+patch emb = hook_embed positions [S2]
+metric ld = logit_diff normalized
+metric ldp = logit_diff normalized per_prompt_mean
+metric p = prob
+metric lp = logprob
+metric pd = prob_diff
+metric kl = kl
+sweep { direction: [denoise, noise] }
+"#;
+
+#[test]
+fn fast_path_matches_reference_executor() {
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = setup(tmp.path(), arch, ALL_KINDS);
+        let fast = run_file(&file, Executor::Fast);
+        let reference = run_file(&file, Executor::Reference);
+        assert!(fast.passes_run < reference.passes_run, "no-ops are skipped");
+        assert_rows_close(&fast.rows, &reference.rows);
+    }
+}
+
+fn find<'a>(outcome: &'a run::Outcome, variant: &str, target: &str, component: &str) -> &'a Row {
+    outcome
+        .rows
+        .iter()
+        .find(|r| {
+            outcome.plan.variants[r.variant].label == variant
+                && r.target == target
+                && r.component == component
+                && !r.summation
+        })
+        .unwrap_or_else(|| panic!("no row {variant} {target} {component}"))
+}
+
+#[test]
+fn invariants_of_patching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = r#"
+corruption s2_io = replace S2 with IO
+patch all = hook_resid_pre layers 0
+patch embed = hook_embed
+patch resid = hook_resid_pre layers all positions each
+patch win = hook_mlp_out layers all window [2] with summation baseline
+patch single = hook_mlp_out layers all
+metric ld = logit_diff normalized
+metric kl = kl
+sweep { direction: [denoise, noise] }
+"#;
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    let out = run_file(&file, Executor::Fast);
+    for (variant, expected) in [("ioi/s2_io/denoise", 1.0), ("ioi/s2_io/noise", -1.0)] {
+        // Patching every position of the first residual stream (or the embeddings) moves the
+        // whole run over: the clean metric restored, or destroyed.
+        for (target, component) in [("all", "L0"), ("embed", "embed")] {
+            let v = find(&out, variant, target, component).cells[0].value.unwrap();
+            assert!((v - expected).abs() < 1e-5, "{variant} {target}: {v}");
+        }
+        // Before the first differing token (S2) clean and corrupted runs agree: exactly 0.
+        let prompt = &out.plan.variants[0].prompts[0];
+        let s2 = prompt.positions.iter().find(|(l, _)| l == "S2").unwrap().1;
+        for l in 0..2 {
+            for p in 0..s2 {
+                let row = find(&out, variant, "resid", &format!("L{l}@{p}"));
+                assert_eq!(row.cells[0].effect, 0.0, "{variant} L{l}@{p}");
+            }
+        }
+    }
+    // The summation baseline is the sum of the single-layer rows over the window (L1 w2 spans
+    // layers 0 and 1).
+    for variant in ["ioi/s2_io/denoise", "ioi/s2_io/noise"] {
+        let baseline = out
+            .rows
+            .iter()
+            .find(|r| r.summation && r.component == "L1 w2" && out.plan.variants[r.variant].label == variant)
+            .unwrap();
+        for m in 0..2 {
+            let sum: f64 = ["L0", "L1"].iter().map(|c| find(&out, variant, "single", c).cells[m].effect).sum();
+            assert!((baseline.cells[m].effect - sum).abs() < 1e-12, "{variant}: {} vs {sum}", baseline.cells[m].effect);
+        }
+    }
+}
+
+#[test]
+fn patching_a_run_with_its_own_activation_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Denoising with clean = corrupted: every patch writes the base run's own values.
+    let body = r#"
+corruption same = replace S2 with S1
+patch heads = attn.hook_z layers all heads all
+metric p = prob
+"#;
+    let file = setup(tmp.path(), Architecture::Gpt2, body);
+    let out = run_file(&file, Executor::Reference);
+    for row in &out.rows {
+        assert_eq!(row.cells[0].effect, 0.0, "{}", row.component);
+    }
+}
+
+#[test]
+fn reruns_write_byte_identical_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\ncorruption gn = noise on S2 samples 2\npatch heads = attn.hook_z layers all heads all\nmetric ld = logit_diff normalized\noutput \"out/r.csv\"\nper_prompt \"out/p.csv\"\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    run_file(&file, Executor::Fast);
+    let first =
+        (std::fs::read(tmp.path().join("out/r.csv")).unwrap(), std::fs::read(tmp.path().join("out/p.csv")).unwrap());
+    run_file(&file, Executor::Fast);
+    let second =
+        (std::fs::read(tmp.path().join("out/r.csv")).unwrap(), std::fs::read(tmp.path().join("out/p.csv")).unwrap());
+    assert_eq!(first, second);
+    let csv = String::from_utf8(first.0).unwrap();
+    assert!(csv.starts_with("experiment,variant,dataset,corruption,direction,target,component,hook,layer,head,position,position_label,window,baseline,n_prompts,n_samples,ld,ld_effect,ld_patched,ld_clean,ld_corrupted,ld_sem\n"));
+    assert!(tmp.path().join("out/r.provenance.json").is_file());
+}
+
+#[test]
+fn a_second_run_on_the_same_output_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\npatch heads = attn.hook_z layers 0 heads all\nmetric p = prob\noutput \"out/r.csv\"\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    std::fs::create_dir_all(tmp.path().join("out")).unwrap();
+    std::fs::write(tmp.path().join("out/r.csv.lock"), "1").unwrap();
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let e = format!("{:#}", run::run(&exp, &RunOptions::default()).err().unwrap());
+    assert!(e.contains("another patchbay run is writing"), "{e}");
+}
