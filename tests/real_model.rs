@@ -62,3 +62,55 @@ fn predict_cli_csv() {
     assert_eq!(&rows[0][2], " Paris");
     assert!((rows[0][3].parse::<f64>().unwrap() - 0.702).abs() < 0.01);
 }
+
+/// `patchbay run` on SmolLM2 (a few prompts, a few layers): the fast executor agrees with the
+/// reference executor, and denoising the whole first residual stream restores the clean run.
+#[test]
+fn smollm2_patching_fast_path_matches_reference() {
+    runtime::ensure(true).unwrap();
+    let model = setup::ensure_demo_model(true).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("small.bay");
+    std::fs::write(
+        &file,
+        format!(
+            r#"model "{}"
+pool names = [" Mary", " John", " Tom", " Sarah"]
+dataset ioi {{
+  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  slot PLACE from [" store", " park"]
+  slot OBJECT from [" drink", " book"]
+  count 2  seed 1
+  answer IO  wrong S1
+}}
+corruption s2_io = replace S2 with IO
+corruption gn = noise on S2 samples 2 seed 7
+patch heads = attn.hook_z layers [20, 29] heads [0, 4]
+patch resid = hook_resid_pre layers [0, 15] positions [S2, end]
+patch first = hook_resid_pre layers 0
+metric ld = logit_diff normalized
+metric kl = kl
+sweep {{ direction: [denoise, noise] }}
+"#,
+            model.path.display()
+        ),
+    )
+    .unwrap();
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let run =
+        |executor| patchbay::run::run(&exp, &patchbay::run::RunOptions { executor, ..Default::default() }).unwrap();
+    let (fast, reference) = (run(patchbay::run::Executor::Fast), run(patchbay::run::Executor::Reference));
+    assert_eq!(fast.rows.len(), reference.rows.len());
+    for (a, b) in fast.rows.iter().zip(&reference.rows) {
+        for (x, y) in a.cells.iter().zip(&b.cells) {
+            let (u, v) = (x.value.unwrap(), y.value.unwrap());
+            assert!((u - v).abs() <= 1e-4 * (1.0 + u.abs()), "{} {}: {u} vs {v}", a.target, a.component);
+        }
+        if a.target == "first" {
+            let expected = if fast.plan.variants[a.variant].direction.name() == "denoise" { 1.0 } else { -1.0 };
+            assert!((a.cells[0].value.unwrap() - expected).abs() < 1e-5, "{:?}", a.cells[0]);
+        }
+    }
+}
