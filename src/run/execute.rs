@@ -7,6 +7,8 @@
 //! - [`reference`]: written for clarity, to check the fast path: for every (component, prompt,
 //!   sample) it recomputes the source and base runs and does one plain patched forward pass.
 
+use std::borrow::Cow;
+
 use anyhow::{bail, Result};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
@@ -253,24 +255,26 @@ impl Setup<'_> {
 
     /// The base pass, its activations at every hook, and the source activations a patch
     /// writes, for prompt `p` and sample `s`.
-    fn base_and_source<'r>(&self, runs: &'r Runs, p: usize, s: usize) -> (Pass, &'r [Tensor], Vec<Tensor>) {
+    fn base_and_source<'r>(&self, runs: &'r Runs, p: usize, s: usize) -> (Pass, &'r [Tensor], Cow<'r, [Tensor]>) {
         let clean = &runs.clean_acts[p];
         match (self.variant.direction, &self.variant.corruption_kind) {
             (_, CorruptionKind::Ablation { kind, .. }) => {
-                let source = match kind {
-                    AblationKind::Zero => {
-                        clean.iter().map(|t| Tensor::new(t.shape.clone(), vec![0.0; t.data.len()])).collect()
-                    }
-                    AblationKind::Mean => runs.means.clone(),
+                let source: Cow<[Tensor]> = match kind {
+                    AblationKind::Zero => Cow::Owned(
+                        clean.iter().map(|t| Tensor::new(t.shape.clone(), vec![0.0; t.data.len()])).collect(),
+                    ),
+                    AblationKind::Mean => Cow::Borrowed(&runs.means),
                     AblationKind::Resample => match self.variant.prompts[p].corrupted {
-                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => runs.clean_acts[q].clone(),
-                        _ => clean.clone(),
+                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => Cow::Borrowed(&runs.clean_acts[q]),
+                        _ => Cow::Borrowed(clean),
                     },
                 };
                 (self.clean_pass(p), clean, source)
             }
-            (Direction::Denoise, _) => (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s], clean.clone()),
-            (Direction::Noise, _) => (self.clean_pass(p), clean, runs.corrupted_acts[p][s].clone()),
+            (Direction::Denoise, _) => {
+                (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s], Cow::Borrowed(clean))
+            }
+            (Direction::Noise, _) => (self.clean_pass(p), clean, Cow::Borrowed(&runs.corrupted_acts[p][s])),
         }
     }
 
