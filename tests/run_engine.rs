@@ -96,8 +96,15 @@ fn fast_path_matches_reference_executor() {
         let file = setup(tmp.path(), arch, ALL_KINDS);
         let fast = run_file(&file, Executor::Fast);
         let reference = run_file(&file, Executor::Reference);
-        assert!(fast.passes_run < reference.passes_run, "no-ops are skipped");
+        assert!(fast.work.passes < reference.work.passes, "no-ops are skipped");
+        assert!(
+            fast.work.layer_tokens * reference.work.passes < reference.work.layer_tokens * fast.work.passes,
+            "passes start late"
+        );
         assert_rows_close(&fast.rows, &reference.rows);
+        let peer = run_file(&file, Executor::PerComponent);
+        assert_eq!(peer.work, reference.work);
+        assert_rows_close(&peer.rows, &reference.rows);
     }
 }
 
@@ -205,4 +212,86 @@ fn a_second_run_on_the_same_output_is_refused() {
     let exp = patchbay::check::check_file(&file, None).unwrap();
     let e = format!("{:#}", run::run(&exp, &RunOptions::default()).err().unwrap());
     assert!(e.contains("another patchbay run is writing"), "{e}");
+}
+
+/// An independent check: the pure-Rust reference forward pass, with the patch written into its
+/// hook by the test itself, gives the engine's per-prompt patched metric for every component.
+#[test]
+fn engine_agrees_with_patched_pure_rust_forward() {
+    use patchbay::model::reference;
+    use patchbay::run::execute::resolve;
+    let body = r#"
+corruption s2_io = replace S2 with IO
+patch z = attn.hook_z layers all heads all
+patch q = attn.hook_q layers 1 heads [0, 3] positions [S2, end]
+patch v = attn.hook_v layers 0 heads all
+patch pattern = attn.hook_pattern layers 1 heads all
+patch resid = hook_resid_mid layers all positions [S1, S2, end]
+patch mlp = mlp.hook_post layers 0
+patch out = {hook_attn_out, hook_mlp_out} layers 1 positions end
+metric ld = logit_diff
+sweep { direction: [denoise, noise] }
+"#;
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = setup(tmp.path(), arch, body);
+        let out = run_file(&file, Executor::Fast);
+        let weights = synth::tiny(arch, 3);
+        let mut checked = 0;
+        for row in &out.rows {
+            let variant = &out.plan.variants[row.variant];
+            let run = variant.patches.iter().find(|p| p.target == row.target && p.label == row.component).unwrap();
+            for (p, prompt) in variant.prompts.iter().enumerate() {
+                let corrupted = match &prompt.corrupted {
+                    patchbay::check::types::CorruptedPrompt::Tokens { ids, .. } => ids.clone(),
+                    other => panic!("{other:?}"),
+                };
+                let (source_ids, base_ids) = match variant.direction.name() {
+                    "denoise" => (&prompt.clean_ids, &corrupted),
+                    _ => (&corrupted, &prompt.clean_ids),
+                };
+                let source = reference::forward(&weights, source_ids).unwrap().hooks;
+                let position = run.position.as_ref().map(|pos| resolve(pos, prompt));
+                let patched = reference::forward_patched(&weights, base_ids, &mut |hook, values| {
+                    if !run.hooks.iter().any(|h| h == hook) {
+                        return;
+                    }
+                    let src = &source[hook];
+                    let shape = &src.shape[1..];
+                    // The pattern is [heads, q, k]; every other hook [pos, (heads, d_head | d)].
+                    let (pos_axis, head_axis) = if hook.ends_with("hook_pattern") {
+                        (1, Some(0))
+                    } else {
+                        (0, (shape.len() == 3).then_some(1))
+                    };
+                    let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
+                    for (i, v) in values.iter_mut().enumerate() {
+                        let at = |axis: usize| (i / strides[axis]) % shape[axis];
+                        let head_ok = match (run.head, head_axis) {
+                            (Some(h), Some(a)) => at(a) == h,
+                            _ => true,
+                        };
+                        if head_ok && position.is_none_or(|q| at(pos_axis) == q) {
+                            *v = src.data[i];
+                        }
+                    }
+                });
+                let logits = patched.unwrap().logits;
+                let vocab = logits.shape[2];
+                let last = &logits.data[logits.data.len() - vocab..];
+                let (r, w) = (prompt.answer.ids()[0] as usize, prompt.wrong.as_ref().unwrap().ids()[0] as usize);
+                let expected = (last[r] - last[w]) as f64;
+                let got = row.per_prompt[0][p].2;
+                assert!(
+                    (got - expected).abs() < 1e-4,
+                    "{arch:?} {} {} {} prompt {p}: {got} vs {expected}",
+                    variant.label,
+                    row.target,
+                    row.component
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 100, "{checked}");
+    }
 }

@@ -29,6 +29,17 @@ pub struct Activations {
 
 /// Run the model on `tokens` (batch 1), loading weights from `ckpt` one layer at a time.
 pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
+    forward_patched(ckpt, tokens, &mut |_, _| {})
+}
+
+/// [`forward`], with `patch(hook, values)` called at every hook before the rest of the model
+/// reads it (values without the batch axis, in the hook table's layout): an activation patch
+/// overwrites some of them. Recorded hooks hold the patched values.
+pub fn forward_patched(
+    ckpt: &dyn Checkpoint,
+    tokens: &[u32],
+    patch: &mut dyn FnMut(&str, &mut [f32]),
+) -> Result<Activations> {
     let c = ckpt.config().clone();
     let n = tokens.len();
     if n == 0 {
@@ -46,42 +57,43 @@ pub fn forward(ckpt: &dyn Checkpoint, tokens: &[u32]) -> Result<Activations> {
     let gpt2 = c.architecture == Architecture::Gpt2;
     let d = c.d_model;
     let mut hooks = BTreeMap::new();
-    let mut record = |name: String, shape: Vec<usize>, data: &[f32]| {
+    let mut record = |name: String, shape: Vec<usize>, data: &mut [f32], patch: &mut dyn FnMut(&str, &mut [f32])| {
+        patch(&name, data);
         hooks.insert(name, Tensor::new(shape, data.to_vec()));
     };
 
     // Embedding (+ learned positions for GPT-2).
     let w_e = required(ckpt, "embed.W_E", &[c.vocab_size, d])?;
     let mut x: Vec<f32> = tokens.iter().flat_map(|&t| row(&w_e, t as usize).iter().copied()).collect();
-    record("hook_embed".into(), vec![1, n, d], &x);
+    record("hook_embed".into(), vec![1, n, d], &mut x, patch);
     if gpt2 {
         let w_pos = required(ckpt, "pos_embed.W_pos", &[c.n_ctx, d])?;
-        let pos = &w_pos.data[..n * d];
-        record("hook_pos_embed".into(), vec![1, n, d], pos);
-        add_in_place(&mut x, pos);
+        let mut pos = w_pos.data[..n * d].to_vec();
+        record("hook_pos_embed".into(), vec![1, n, d], &mut pos, patch);
+        add_in_place(&mut x, &pos);
     }
 
     for l in 0..c.n_layers {
         let name = |s: &str| format!("blocks.{l}.{s}");
-        record(name("hook_resid_pre"), vec![1, n, d], &x);
+        record(name("hook_resid_pre"), vec![1, n, d], &mut x, patch);
 
         let h = norm(ckpt, &c, &name("ln1"), &x)?;
-        let attn = attention(ckpt, &c, l, &h)?;
-        record(name("attn.hook_q"), vec![1, n, c.n_heads, c.d_head], &attn.q);
-        record(name("attn.hook_k"), vec![1, n, c.n_kv_heads, c.d_head], &attn.k);
-        record(name("attn.hook_v"), vec![1, n, c.n_kv_heads, c.d_head], &attn.v);
-        record(name("attn.hook_pattern"), vec![1, c.n_heads, n, n], &attn.pattern);
-        record(name("attn.hook_z"), vec![1, n, c.n_heads, c.d_head], &attn.z);
-        record(name("hook_attn_out"), vec![1, n, d], &attn.out);
+        let mut attn = attention(ckpt, &c, l, &h, patch)?;
+        record(name("attn.hook_q"), vec![1, n, c.n_heads, c.d_head], &mut attn.q, &mut |_, _| {});
+        record(name("attn.hook_k"), vec![1, n, c.n_kv_heads, c.d_head], &mut attn.k, &mut |_, _| {});
+        record(name("attn.hook_v"), vec![1, n, c.n_kv_heads, c.d_head], &mut attn.v, &mut |_, _| {});
+        record(name("attn.hook_pattern"), vec![1, c.n_heads, n, n], &mut attn.pattern, &mut |_, _| {});
+        record(name("attn.hook_z"), vec![1, n, c.n_heads, c.d_head], &mut attn.z, &mut |_, _| {});
+        record(name("hook_attn_out"), vec![1, n, d], &mut attn.out, patch);
         add_in_place(&mut x, &attn.out);
-        record(name("hook_resid_mid"), vec![1, n, d], &x);
+        record(name("hook_resid_mid"), vec![1, n, d], &mut x, patch);
 
         let h = norm(ckpt, &c, &name("ln2"), &x)?;
-        let (post, mlp_out) = mlp(ckpt, &c, l, &h)?;
-        record(name("mlp.hook_post"), vec![1, n, c.d_mlp], &post);
-        record(name("hook_mlp_out"), vec![1, n, d], &mlp_out);
+        let (mut post, mut mlp_out) = mlp(ckpt, &c, l, &h, patch)?;
+        record(name("mlp.hook_post"), vec![1, n, c.d_mlp], &mut post, &mut |_, _| {});
+        record(name("hook_mlp_out"), vec![1, n, d], &mut mlp_out, patch);
         add_in_place(&mut x, &mlp_out);
-        record(name("hook_resid_post"), vec![1, n, d], &x);
+        record(name("hook_resid_post"), vec![1, n, d], &mut x, patch);
     }
 
     let h = norm(ckpt, &c, "ln_final", &x)?;
@@ -105,7 +117,15 @@ struct Attention {
     out: Vec<f32>,
 }
 
-fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Result<Attention> {
+/// Attention of layer `l`; `patch` sees q, k, v (before RoPE), the pattern and z as they are
+/// made (the caller records them).
+fn attention(
+    ckpt: &dyn Checkpoint,
+    c: &ModelConfig,
+    l: usize,
+    x: &[f32],
+    patch: &mut dyn FnMut(&str, &mut [f32]),
+) -> Result<Attention> {
     let (d, dh, nh, nkv) = (c.d_model, c.d_head, c.n_heads, c.n_kv_heads);
     let n = x.len() / d;
     let p = |s: &str| format!("blocks.{l}.attn.{s}");
@@ -118,9 +138,13 @@ fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Res
     let b_v = bias(ckpt, c, &p("b_V"), nkv * dh)?;
     let b_o = bias(ckpt, c, &p("b_O"), d)?;
 
-    let q = linear(x, &w_q, b_q.as_ref());
-    let k = linear(x, &w_k, b_k.as_ref());
-    let v = linear(x, &w_v, b_v.as_ref());
+    let hook = |s: &str| format!("blocks.{l}.attn.{s}");
+    let mut q = linear(x, &w_q, b_q.as_ref());
+    let mut k = linear(x, &w_k, b_k.as_ref());
+    let mut v = linear(x, &w_v, b_v.as_ref());
+    patch(&hook("hook_q"), &mut q);
+    patch(&hook("hook_k"), &mut k);
+    patch(&hook("hook_v"), &mut v);
     let (q_rot, k_rot) = match c.architecture {
         Architecture::Llama => {
             let inv_freq =
@@ -134,36 +158,48 @@ fn attention(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Res
     let group = nh / nkv;
     let scale = 1.0 / (dh as f32).sqrt();
     let mut pattern = vec![0.0; nh * n * n];
-    let mut z = vec![0.0; n * nh * dh];
     for h in 0..nh {
         let kvh = h / group;
         for i in 0..n {
             let qi = &q_rot[(i * nh + h) * dh..][..dh];
             // Causal: query i attends to keys 0..=i.
             let scores: Vec<f32> = (0..=i).map(|j| dot(qi, &k_rot[(j * nkv + kvh) * dh..][..dh]) * scale).collect();
-            let probs = softmax(&scores);
-            pattern[(h * n + i) * n..][..=i].copy_from_slice(&probs);
+            pattern[(h * n + i) * n..][..=i].copy_from_slice(&softmax(&scores));
+        }
+    }
+    patch(&hook("hook_pattern"), &mut pattern);
+    let mut z = vec![0.0; n * nh * dh];
+    for h in 0..nh {
+        let kvh = h / group;
+        for i in 0..n {
             let zi = &mut z[(i * nh + h) * dh..][..dh];
-            for (j, &pj) in probs.iter().enumerate() {
+            for (j, &pj) in pattern[(h * n + i) * n..][..n].iter().enumerate() {
                 for (zk, vk) in zi.iter_mut().zip(&v[(j * nkv + kvh) * dh..][..dh]) {
                     *zk += pj * vk;
                 }
             }
         }
     }
+    patch(&hook("hook_z"), &mut z);
     let out = linear(&z, &w_o, b_o.as_ref());
     Ok(Attention { q, k, v, pattern, z, out })
 }
 
 /// Returns (`mlp.hook_post`, `hook_mlp_out`).
-fn mlp(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
+fn mlp(
+    ckpt: &dyn Checkpoint,
+    c: &ModelConfig,
+    l: usize,
+    x: &[f32],
+    patch: &mut dyn FnMut(&str, &mut [f32]),
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let (d, dm) = (c.d_model, c.d_mlp);
     let p = |s: &str| format!("blocks.{l}.mlp.{s}");
     let w_in = required(ckpt, &p("W_in"), &[dm, d])?;
     let w_out = required(ckpt, &p("W_out"), &[d, dm])?;
     let b_in = bias(ckpt, c, &p("b_in"), dm)?;
     let b_out = bias(ckpt, c, &p("b_out"), d)?;
-    let post: Vec<f32> = match c.architecture {
+    let mut post: Vec<f32> = match c.architecture {
         Architecture::Llama => {
             let w_gate = required(ckpt, &p("W_gate"), &[dm, d])?;
             let gate = linear(x, &w_gate, None);
@@ -172,6 +208,7 @@ fn mlp(ckpt: &dyn Checkpoint, c: &ModelConfig, l: usize, x: &[f32]) -> Result<(V
         }
         Architecture::Gpt2 => linear(x, &w_in, b_in.as_ref()).into_iter().map(gelu_new).collect(),
     };
+    patch(&format!("blocks.{l}.mlp.hook_post"), &mut post);
     let out = linear(&post, &w_out, b_out.as_ref());
     Ok((post, out))
 }

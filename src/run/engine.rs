@@ -35,6 +35,9 @@ pub struct Output {
     pub logits: Vec<f32>,
     /// The captured hooks (after patching), unpadded, in the engine's `captured` order.
     pub captures: Vec<Tensor>,
+    /// The residual stream between layers (see [`crate::run::segments`]); empty from the
+    /// full-graph engine.
+    pub boundaries: Vec<std::sync::Arc<Tensor>>,
 }
 
 pub struct Engine {
@@ -44,6 +47,7 @@ pub struct Engine {
     pub patchable: Vec<(String, Vec<Dim>)>,
     /// Hooks a capturing pass returns.
     pub captured: Vec<(String, Vec<Dim>)>,
+    pub n_layers: usize,
 }
 
 impl Engine {
@@ -59,6 +63,7 @@ impl Engine {
             capture_session: runtime::session_from_proto(&capture_graph, &dir.path, device)?,
             patchable: patchable.iter().map(shape).collect::<Result<_>>()?,
             captured: captured.iter().map(shape).collect::<Result<_>>()?,
+            n_layers: dir.manifest.config.n_layers,
         })
     }
 
@@ -112,11 +117,15 @@ impl Engine {
         let (logit_shape, logits) = extract(graph::LAST_LOGITS)?;
         let vocab = *logit_shape.last().expect("logits have a vocabulary axis");
         let mut outputs: Vec<Output> = (0..b)
-            .map(|row| Output { logits: logits[row * vocab..(row + 1) * vocab].to_vec(), captures: vec![] })
+            .map(|row| Output {
+                logits: logits[row * vocab..(row + 1) * vocab].to_vec(),
+                captures: vec![],
+                boundaries: vec![],
+            })
             .collect();
         if capture {
             for (hook, dims) in &self.captured {
-                let (shape, data) = extract(&format!("capture.{hook}"))?;
+                let (shape, data) = extract(&graph::capture_output(hook))?;
                 let row_len: usize = shape[1..].iter().product();
                 for (row, out) in outputs.iter_mut().enumerate() {
                     let own = concrete(dims, None, passes[row].ids.len());
@@ -144,7 +153,7 @@ pub fn concrete(dims: &[Dim], batch: Option<usize>, pos: usize) -> Vec<usize> {
 
 /// Copy `src` (shape `src_shape`) into the trailing corner of `dst` (shape `dst_shape`, no
 /// smaller on any axis), combining elements with `put`.
-fn align_right<T: Copy, S: Copy>(
+pub(crate) fn align_right<T: Copy, S: Copy>(
     dst: &mut [T],
     dst_shape: &[usize],
     src: &[S],
@@ -164,7 +173,7 @@ fn align_right<T: Copy, S: Copy>(
 }
 
 /// The inverse of [`align_right`]: the trailing corner of `src` into `dst`.
-fn crop_right(dst: &mut [f32], dst_shape: &[usize], src: &[f32], src_shape: &[usize]) {
+pub(crate) fn crop_right(dst: &mut [f32], dst_shape: &[usize], src: &[f32], src_shape: &[usize]) {
     if dst_shape.is_empty() {
         dst[0] = src[0];
         return;

@@ -8,6 +8,7 @@
 //!   sample) it recomputes the source and base runs and does one plain patched forward pass.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use rand::{Rng as _, SeedableRng as _};
@@ -17,8 +18,9 @@ use crate::check::types::{AblationKind, Answer, CorruptedPrompt, CorruptionKind,
 use crate::import::checkpoint::Tensor;
 use crate::model::Dim;
 use crate::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
-use crate::run::engine::{concrete, Engine, HookPatch, Pass};
+use crate::run::engine::{concrete, Engine, HookPatch, Output, Pass};
 use crate::run::metrics::{self, Readout};
+use crate::run::segments::{self, Segments};
 use crate::syntax::ast::Position;
 
 pub const EMBED_HOOK: &str = "hook_embed";
@@ -31,8 +33,23 @@ pub struct VariantValues {
     pub corrupted: Option<Vec<Vec<f64>>>,
     /// `[patch run][metric][prompt]`.
     pub patched: Vec<Vec<Vec<f64>>>,
-    /// Patched forward passes actually run (no-ops skipped).
-    pub passes_run: u64,
+    /// The patched forward passes actually run.
+    pub work: Work,
+}
+
+/// Patched work done: passes run (no-ops skipped), and the transformer layers they computed
+/// times their tokens (a pass that starts late computes fewer layers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub passes: u64,
+    pub layer_tokens: u64,
+}
+
+impl std::ops::AddAssign for Work {
+    fn add_assign(&mut self, other: Work) {
+        self.passes += other.passes;
+        self.layer_tokens += other.layer_tokens;
+    }
 }
 
 /// The hooks a variant patches (and captures), in a fixed order.
@@ -56,8 +73,8 @@ pub struct Setup<'a> {
 }
 
 impl<'a> Setup<'a> {
-    pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], engine: &Engine) -> Setup<'a> {
-        let hooks = engine.patchable.clone();
+    /// `hooks`: the forward pass's patchable hooks (= [`hooks`] of the variant) with shapes.
+    pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], hooks: Vec<(String, Vec<Dim>)>) -> Setup<'a> {
         let n_heads_by_hook = hooks.iter().map(|(_, dims)| head_axis(dims).map(|a| fixed(dims, a))).collect();
         Setup { variant, metrics, hooks, n_heads_by_hook }
     }
@@ -216,6 +233,10 @@ struct Runs {
     corrupted_acts: Vec<Vec<Vec<Tensor>>>,
     /// `[prompt][sample]`.
     corrupted_passes: Vec<Vec<Pass>>,
+    /// The residual stream between segments, `[prompt][boundary]` and `[prompt][sample][boundary]`
+    /// (empty from the full-graph engine): where late-starting passes enter.
+    clean_bounds: Vec<Vec<Arc<Tensor>>>,
+    corrupted_bounds: Vec<Vec<Vec<Arc<Tensor>>>>,
     /// Mean ablation: the clean activations averaged over prompts, `[hook]`.
     means: Vec<Tensor>,
 }
@@ -327,7 +348,7 @@ impl Setup<'_> {
         out
     }
 
-    fn collect(&self, runs: &Runs, patched_logits: &[Vec<Vec<Vec<f32>>>], passes_run: u64) -> VariantValues {
+    fn collect(&self, runs: &Runs, patched_logits: &[Vec<Vec<Vec<f32>>>], work: Work) -> VariantValues {
         let clean_lp: Vec<Vec<f64>> = runs.clean_logits.iter().map(|l| metrics::log_probs(l)).collect();
         let clean: Vec<Vec<&Vec<f32>>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
         let corrupted = (!runs.corrupted_logits.is_empty()).then(|| {
@@ -341,31 +362,52 @@ impl Setup<'_> {
                 self.per_prompt(&logits, &clean_lp)
             })
             .collect();
-        VariantValues { clean: self.per_prompt(&clean, &clean_lp), corrupted, patched, passes_run }
+        VariantValues { clean: self.per_prompt(&clean, &clean_lp), corrupted, patched, work }
+    }
+}
+
+/// A whole forward pass, however it is computed: the full graph, or its segments.
+pub trait Forward {
+    fn forward(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>>;
+}
+
+impl Forward for Engine {
+    fn forward(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>> {
+        self.run(passes, capture)
+    }
+}
+
+impl Forward for Segments {
+    fn forward(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>> {
+        let rows: Vec<segments::Row> = passes
+            .iter()
+            .map(|p| segments::Row { ids: p.ids.clone(), patches: p.patches.clone(), start: 0, resid: None })
+            .collect();
+        self.run(&rows, capture)
     }
 }
 
 /// Run `passes` in chunks of `rows`, capturing hooks when asked.
-fn run_chunked(
-    engine: &mut Engine,
-    passes: &[Pass],
-    rows: usize,
-    capture: bool,
-) -> Result<Vec<(Vec<f32>, Vec<Tensor>)>> {
+fn run_chunked(model: &mut dyn Forward, passes: &[Pass], rows: usize, capture: bool) -> Result<Vec<Output>> {
     let mut out = Vec::with_capacity(passes.len());
     for chunk in passes.chunks(rows.max(1)) {
-        out.extend(engine.run(chunk, capture)?.into_iter().map(|o| (o.logits, o.captures)));
+        out.extend(model.forward(chunk, capture)?);
     }
     Ok(out)
 }
 
 /// Clean and corrupted runs, once per prompt (and sample), activations cached.
-fn cached_runs(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<Runs> {
+fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Runs> {
     let n = setup.variant.prompts.len();
     let clean: Vec<Pass> = (0..n).map(|p| setup.clean_pass(p)).collect();
-    let (clean_logits, clean_acts): (Vec<_>, Vec<_>) = run_chunked(engine, &clean, rows, true)?.into_iter().unzip();
+    let (mut clean_logits, mut clean_acts, mut clean_bounds) = (vec![], vec![], vec![]);
+    for out in run_chunked(model, &clean, rows, true)? {
+        clean_logits.push(out.logits);
+        clean_acts.push(out.captures);
+        clean_bounds.push(out.boundaries);
+    }
     let nu = setup.nu(&clean_acts);
-    let embed = hooks_position(setup, EMBED_HOOK);
+    let embed = setup.hooks.iter().position(|(h, _)| h == EMBED_HOOK);
     let mut corrupted_passes = vec![];
     for (p, acts) in clean_acts.iter().enumerate() {
         let passes: Option<Vec<Pass>> =
@@ -373,44 +415,65 @@ fn cached_runs(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<Runs> 
         corrupted_passes.push(passes.unwrap_or_default());
     }
     let flat: Vec<Pass> = corrupted_passes.iter().flatten().cloned().collect();
-    let mut results = run_chunked(engine, &flat, rows, true)?.into_iter();
-    let (mut corrupted_logits, mut corrupted_acts) = (vec![], vec![]);
+    let mut results = run_chunked(model, &flat, rows, true)?.into_iter();
+    let (mut corrupted_logits, mut corrupted_acts, mut corrupted_bounds) = (vec![], vec![], vec![]);
     for passes in &corrupted_passes {
-        let (l, a): (Vec<_>, Vec<_>) = results.by_ref().take(passes.len()).unzip();
+        let (mut l, mut a, mut b) = (vec![], vec![], vec![]);
+        for out in results.by_ref().take(passes.len()) {
+            l.push(out.logits);
+            a.push(out.captures);
+            b.push(out.boundaries);
+        }
         corrupted_logits.push(l);
         corrupted_acts.push(a);
+        corrupted_bounds.push(b);
     }
     if corrupted_passes.iter().all(Vec::is_empty) {
         corrupted_logits.clear();
     }
     let means = setup.means(&clean_acts)?;
-    Ok(Runs { clean_logits, clean_acts, corrupted_logits, corrupted_acts, corrupted_passes, means })
-}
-
-fn hooks_position(setup: &Setup, name: &str) -> Option<usize> {
-    setup.hooks.iter().position(|(h, _)| h == name)
+    Ok(Runs {
+        clean_logits,
+        clean_acts,
+        corrupted_logits,
+        corrupted_acts,
+        corrupted_passes,
+        clean_bounds,
+        corrupted_bounds,
+        means,
+    })
 }
 
 /// The fast executor: cached clean/corrupted runs, batched patched runs, no-ops skipped.
-pub fn fast(setup: &Setup, engine: &mut Engine, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
-    let runs = cached_runs(setup, engine, rows)?;
+pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
+    let runs = cached_runs(setup, model, rows)?;
     let n = setup.variant.prompts.len();
     let samples = setup.samples();
     // [run][prompt][sample] -> logits
     let mut patched: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    let mut pending: Vec<(usize, usize, usize, Pass)> = vec![];
-    let mut passes_run = 0;
-    let mut flush =
-        |pending: &mut Vec<(usize, usize, usize, Pass)>, patched: &mut Vec<Vec<Vec<Vec<f32>>>>| -> Result<()> {
-            let passes: Vec<Pass> = pending.iter().map(|x| x.3.clone()).collect();
-            for ((r, p, s, _), out) in pending.drain(..).zip(engine.run(&passes, false)?) {
-                patched[r][p][s] = out.logits;
-            }
-            passes_run += passes.len() as u64;
-            progress(passes.len() as u64);
-            Ok(())
-        };
+    let mut pending: Vec<(usize, usize, usize)> = vec![];
+    let mut batch: Vec<segments::Row> = vec![];
+    let mut work = Work::default();
+    // Segments: the embedding, one per layer, the unembedding.
+    let n_layers = model.len() - 2;
+    let mut flush = |pending: &mut Vec<(usize, usize, usize)>,
+                     batch: &mut Vec<segments::Row>,
+                     patched: &mut Vec<Vec<Vec<Vec<f32>>>>|
+     -> Result<()> {
+        for ((r, p, s), out) in pending.drain(..).zip(model.run(batch, false)?) {
+            patched[r][p][s] = out.logits;
+        }
+        for row in batch.iter() {
+            let layers = n_layers - row.start.saturating_sub(1);
+            work += Work { passes: 1, layer_tokens: (layers * row.ids.len()) as u64 };
+        }
+        progress(batch.len() as u64);
+        batch.clear();
+        Ok(())
+    };
     for (r, run) in setup.variant.patches.iter().enumerate() {
+        // Start late: nothing before the first patched layer changes.
+        let start = run.hooks.iter().map(|h| segments::segment_of(h)).min().unwrap_or(0);
         for p in 0..n {
             for s in 0..samples {
                 let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
@@ -420,15 +483,32 @@ pub fn fast(setup: &Setup, engine: &mut Engine, rows: usize, progress: &dyn Fn(u
                     progress(1);
                     continue;
                 }
-                pending.push((r, p, s, pass));
-                if pending.len() >= rows {
-                    flush(&mut pending, &mut patched)?;
+                // The base run's own patches before `start` (noised embeddings) are already in
+                // the residual stream it left at `start`.
+                let patches: Vec<HookPatch> = pass
+                    .patches
+                    .into_iter()
+                    .filter(|x| segments::segment_of(&setup.hooks[x.hook].0) >= start)
+                    .collect();
+                let resid = (start > 0).then(|| base_bounds(&runs, setup, p, s)[start - 1].clone());
+                batch.push(segments::Row { ids: pass.ids, patches, start, resid });
+                pending.push((r, p, s));
+                if batch.len() >= rows {
+                    flush(&mut pending, &mut batch, &mut patched)?;
                 }
             }
         }
     }
-    flush(&mut pending, &mut patched)?;
-    Ok(setup.collect(&runs, &patched, passes_run))
+    flush(&mut pending, &mut batch, &mut patched)?;
+    Ok(setup.collect(&runs, &patched, work))
+}
+
+/// The residual streams the base run of prompt `p`, sample `s` left between segments.
+fn base_bounds<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r [Arc<Tensor>] {
+    match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
+        (Direction::Denoise, false) => &runs.corrupted_bounds[p][s],
+        _ => &runs.clean_bounds[p],
+    }
 }
 
 fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Vec<f32> {
@@ -436,6 +516,35 @@ fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Vec
         (Direction::Denoise, false) => &runs.corrupted_logits[p][s],
         _ => &runs.clean_logits[p],
     }
+}
+
+/// How peer libraries patch (TransformerLens' `patching`): clean and corrupted runs cached, then
+/// one full forward pass of all prompts per component. For benchmarks.
+pub fn per_component(setup: &Setup, engine: &mut Engine, progress: &dyn Fn(u64)) -> Result<VariantValues> {
+    let n = setup.variant.prompts.len();
+    let runs = cached_runs(setup, engine, n * setup.samples())?;
+    let mut patched = vec![vec![vec![vec![]; setup.samples()]; n]; setup.variant.patches.len()];
+    let mut work = Work::default();
+    for (run, run_logits) in setup.variant.patches.iter().zip(patched.iter_mut()) {
+        let mut passes = vec![];
+        for p in 0..n {
+            for s in 0..setup.samples() {
+                let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
+                passes.push(setup.patched_pass(run, p, &base, base_acts, &source).0);
+            }
+        }
+        let mut outputs = engine.run(&passes, false)?.into_iter();
+        for prompt_logits in run_logits.iter_mut() {
+            for (logits, out) in prompt_logits.iter_mut().zip(outputs.by_ref()) {
+                *logits = out.logits;
+            }
+        }
+        for pass in &passes {
+            work += Work { passes: 1, layer_tokens: (engine.n_layers * pass.ids.len()) as u64 };
+        }
+        progress(passes.len() as u64);
+    }
+    Ok(setup.collect(&runs, &patched, work))
 }
 
 /// The reference executor: one plain forward pass per (component, prompt, sample), after
@@ -447,7 +556,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
     let n = setup.variant.prompts.len();
     let samples = setup.samples();
     let mut patched = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    let mut passes_run = 0;
+    let mut work = Work::default();
     for (run, run_logits) in setup.variant.patches.iter().zip(patched.iter_mut()) {
         for (p, prompt_logits) in run_logits.iter_mut().enumerate() {
             for (s, logits) in prompt_logits.iter_mut().enumerate() {
@@ -458,6 +567,8 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                     corrupted_logits: vec![vec![]; n],
                     corrupted_acts: vec![vec![]; n],
                     corrupted_passes: vec![vec![]; n],
+                    clean_bounds: vec![],
+                    corrupted_bounds: vec![],
                     means: dataset.means.clone(),
                 };
                 let clean = engine.run(&[setup.clean_pass(p)], true)?.remove(0);
@@ -475,11 +586,14 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                 let (base, base_acts, source) = setup.base_and_source(&fresh, p, s);
                 let (pass, _) = setup.patched_pass(run, p, &base, base_acts, &source);
                 *logits = engine.run(&[pass], false)?.remove(0).logits;
-                passes_run += 1;
+                work += Work {
+                    passes: 1,
+                    layer_tokens: (engine.n_layers * setup.variant.prompts[p].clean_ids.len()) as u64,
+                };
             }
         }
     }
-    Ok(setup.collect(&dataset, &patched, passes_run))
+    Ok(setup.collect(&dataset, &patched, work))
 }
 
 #[cfg(test)]

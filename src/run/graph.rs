@@ -15,6 +15,13 @@ use crate::onnx::proto::{data_type, ModelProto, NodeProto, TypeProto, TypeProtoT
 use crate::onnx::surgery;
 
 pub const LAST_LOGITS: &str = "patchbay.last_logits";
+/// The final residual stream at the last position, which the unembedding reads.
+pub const LAST_RESID: &str = "patchbay.last_resid";
+
+/// The output a captured hook is exposed as.
+pub fn capture_output(hook: &str) -> String {
+    format!("capture.{hook}")
+}
 
 pub fn mask_input(hook: &str) -> String {
     format!("patch_mask.{hook}")
@@ -41,7 +48,7 @@ pub fn build(model: ModelProto, manifest: &Manifest, patchable: &[String], captu
         .get(&format!("blocks.{}.hook_resid_post", n_layers.saturating_sub(1)))
         .ok_or_else(|| anyhow!("the manifest maps no final `hook_resid_post`"))?
         .tensor;
-    let last_resid = "patchbay.last_resid".to_string();
+    let last_resid = LAST_RESID.to_string();
     rewire(graph, final_resid, &last_resid);
     graph.initializer.push(crate::onnx::proto::TensorProto {
         dims: vec![1],
@@ -70,7 +77,7 @@ pub fn build(model: ModelProto, manifest: &Manifest, patchable: &[String], captu
         .map(|hook| {
             let spec = manifest.hooks.get(hook).ok_or_else(|| anyhow!("the manifest has no hook `{hook}`"))?;
             // A patched hook is captured after its patch: what the rest of the graph saw.
-            let name = format!("capture.{hook}");
+            let name = capture_output(hook);
             let source =
                 if patchable.contains(hook) { format!("patchbay.patched.{hook}") } else { spec.tensor.clone() };
             graph.node.push(node("Identity", &[&source], &name, None));

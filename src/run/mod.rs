@@ -8,6 +8,7 @@ pub mod graph;
 pub mod metrics;
 pub mod output;
 pub mod results;
+pub mod segments;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,6 +25,7 @@ use engine::Engine;
 use execute::{Setup, VariantValues};
 use expect::Verdict;
 use results::Row;
+use segments::Segments;
 
 /// Which executor computes the patched runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +33,14 @@ pub enum Executor {
     Fast,
     /// One plain forward pass per (component, prompt, sample): for checking the fast path.
     Reference,
+    /// One forward pass of all prompts per component, as peer libraries do: for benchmarks.
+    PerComponent,
+}
+
+/// The forward pass an executor uses.
+enum Model {
+    Segments(Segments),
+    Full(Engine),
 }
 
 pub struct RunOptions {
@@ -50,7 +60,7 @@ pub struct Outcome {
     pub plan: Plan,
     pub rows: Vec<Row>,
     pub verdicts: Vec<Verdict>,
-    pub passes_run: u64,
+    pub work: execute::Work,
     pub written: Vec<PathBuf>,
     pub seconds: f64,
 }
@@ -80,28 +90,40 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             .progress_chars("=> "),
     );
     let mut rows = vec![];
-    let mut passes_run = 0;
-    let mut engines: Vec<(Vec<String>, Engine)> = vec![];
+    let mut work = execute::Work::default();
+    // One model per distinct set of patched hooks, shared by the variants that patch them.
+    let mut models: Vec<(Vec<String>, Model)> = vec![];
     for (v, variant) in plan.variants.iter().enumerate() {
         progress.set_message(variant.label.clone());
         let hooks = execute::hooks(variant);
-        let index = match engines.iter().position(|(h, _)| *h == hooks) {
+        let index = match models.iter().position(|(h, _)| *h == hooks) {
             Some(i) => i,
             None => {
-                engines.push((hooks.clone(), Engine::new(&dir, &hooks, &hooks, device)?));
-                engines.len() - 1
+                let model = match opts.executor {
+                    Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device)?),
+                    Executor::Reference | Executor::PerComponent => {
+                        Model::Full(Engine::new(&dir, &hooks, &hooks, device)?)
+                    }
+                };
+                models.push((hooks.clone(), model));
+                models.len() - 1
             }
         };
-        let engine = &mut engines[index].1;
-        let setup = Setup::new(variant, &plan.metrics, engine);
-        let values: VariantValues = match opts.executor {
-            Executor::Fast => {
+        let values: VariantValues = match &mut models[index].1 {
+            Model::Segments(model) => {
+                let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let rows_per_call = rows_per_call(&dir, variant, opts.memory_bytes);
-                execute::fast(&setup, engine, rows_per_call, &|n| progress.inc(n))?
+                execute::fast(&setup, model, rows_per_call, &|n| progress.inc(n))?
             }
-            Executor::Reference => execute::reference(&setup, engine)?,
+            Model::Full(engine) => {
+                let setup = Setup::new(variant, &plan.metrics, engine.patchable.clone());
+                match opts.executor {
+                    Executor::PerComponent => execute::per_component(&setup, engine, &|n| progress.inc(n))?,
+                    _ => execute::reference(&setup, engine)?,
+                }
+            }
         };
-        passes_run += values.passes_run;
+        work += values.work;
         let variant_rows = results::rows(&plan, v, &values);
         check_finite(&plan, &variant_rows)?;
         rows.extend(variant_rows);
@@ -115,14 +137,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         output::write_atomic(path, &output::csv(&plan, &rows)?)?;
         written.push(path.clone());
         let sidecar = path.with_extension("provenance.json");
-        output::write_atomic(&sidecar, &provenance(exp, &plan, &dir, passes_run, seconds)?)?;
+        output::write_atomic(&sidecar, &provenance(exp, &plan, &dir, work.passes, seconds)?)?;
         written.push(sidecar);
     }
     if let Some(path) = &exp.outputs.per_prompt {
         output::write_atomic(path, &output::per_prompt_csv(&plan, &rows)?)?;
         written.push(path.clone());
     }
-    Ok(Outcome { plan, rows, verdicts, passes_run, written, seconds })
+    Ok(Outcome { plan, rows, verdicts, work, written, seconds })
 }
 
 /// Passes per ONNX Runtime call within the memory budget: a pass holds a few layers' worth of
@@ -205,7 +227,7 @@ pub fn summary(outcome: &Outcome) -> String {
     use std::fmt::Write as _;
     let plan = &outcome.plan;
     let mut s = String::new();
-    let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.passes_run, outcome.seconds);
+    let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.work.passes, outcome.seconds);
     for (v, variant) in plan.variants.iter().enumerate() {
         let _ = writeln!(s, "\n{} ({} prompts)", variant.label, variant.prompts.len());
         for (m, metric) in plan.metrics.iter().enumerate() {

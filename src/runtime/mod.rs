@@ -197,6 +197,9 @@ pub fn session_from_proto(
             b.with_config_entry("session.model_external_initializers_file_folder_path", weights_dir.to_string_lossy())
                 .map_err(Into::into)
         })
+        // The engine runs many sessions one after another (one per layer segment): threads left
+        // spinning by the previous session would steal the cores from the next one.
+        .and_then(|b| b.with_config_entry("session.intra_op.allow_spinning", "0").map_err(Into::into))
         .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
     if device == Device::Cuda {
         builder = with_cuda(builder, rt)?;

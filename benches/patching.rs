@@ -1,0 +1,100 @@
+//! Patching sweeps on the demo model (SmolLM2-135M), fast path against the way peer libraries
+//! patch (one full forward pass of all prompts per component), measured in the same run.
+//!
+//! - W1: IOI head sweep, 48 prompts, all 30 x 9 heads, all positions, denoise, S2 -> IO,
+//!   normalised logit difference.
+//! - W2: `hook_resid_pre`, all layers x `positions each`, same prompts.
+//!
+//! Run: `cargo bench --bench patching` (or `-- w1` / `-- w2` for one; `-- prompts=16` for a
+//! quicker, smaller run). Reports wall time,
+//! patched passes per second and useful GFLOP/s: the FLOPs of the fast path's own work
+//! (passes that change something, from their first patched layer, last-position unembedding),
+//! divided by each executor's time. Compare with `benches/matmul_ceiling.py`.
+
+use std::time::Instant;
+
+use patchbay::model::ModelConfig;
+use patchbay::run::{self, Executor, RunOptions};
+use patchbay::{runtime, setup};
+
+const IOI: &str = r#"
+pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob", " James", " Anna", " Michael", " David"]
+dataset ioi {
+  template "When{IO} and{S1} went to the{PLACE},{S2} gave a{OBJECT} to"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  slot PLACE from [" store", " park", " school", " station"]
+  slot OBJECT from [" drink", " book", " ball", " letter"]
+  count PROMPTS  seed 1
+  answer IO  wrong S1
+}
+corruption s2_io = replace S2 with IO
+metric ld = logit_diff normalized
+"#;
+
+/// Multiply-adds of one transformer layer for one token at sequence length `pos`.
+fn layer_macs(c: &ModelConfig, pos: usize) -> f64 {
+    let (d, dh) = (c.d_model as f64, c.d_head as f64);
+    let proj = d * dh * (2.0 * c.n_heads as f64 + 2.0 * c.n_kv_heads as f64);
+    let mlp = 3.0 * d * c.d_mlp as f64;
+    proj + mlp + 2.0 * c.n_heads as f64 * dh * pos as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    runtime::ensure(true)?;
+    let model = setup::ensure_demo_model(true)?;
+    let c = model.manifest.config.clone();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let prompts = args.iter().find_map(|a| a.strip_prefix("prompts=")).unwrap_or("48");
+    let only: Vec<&String> = args.iter().filter(|a| !a.contains('=')).collect();
+    let tmp = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let workloads = [
+        ("w1", "patch heads = attn.hook_z layers all heads all"),
+        ("w2", "patch resid = hook_resid_pre layers all positions each"),
+    ];
+    for (name, patch) in workloads {
+        if !only.is_empty() && !only.iter().any(|o| *o == name) {
+            continue;
+        }
+        let file = tmp.join(format!("{name}.bay"));
+        let ioi = IOI.replace("PROMPTS", prompts);
+        std::fs::write(&file, format!("model \"{}\"\n{ioi}{patch}\n", model.path.display()))?;
+        let exp = patchbay::check::check_file(&file, None)
+            .map_err(|d| anyhow::anyhow!("{}", d.iter().map(|d| d.render_terminal()).collect::<String>()))?;
+        let len = exp.datasets[0].prompts[0].ids.len();
+        let mut results = vec![];
+        for executor in [Executor::Fast, Executor::PerComponent] {
+            let start = Instant::now();
+            let outcome = run::run(&exp, &RunOptions { executor, ..RunOptions::default() })?;
+            results.push((executor, start.elapsed().as_secs_f64(), outcome));
+        }
+        let fast = &results[0].2;
+        // Useful work: what the fast path computed, plus the last-position unembedding.
+        let useful_flops = 2.0
+            * (fast.work.layer_tokens as f64 * layer_macs(&c, len)
+                + fast.work.passes as f64 * (c.d_model * c.vocab_size) as f64);
+        let planned = fast.plan.counts.patched_runs;
+        println!("{name}: {planned} patched (prompt, component) pairs, {len} tokens per prompt");
+        for (executor, seconds, outcome) in &results {
+            println!(
+                "  {:<14} {:>8.1} s  {:>7} passes  {:>8.1} pairs/s  {:>6.1} useful GFLOP/s",
+                format!("{executor:?}"),
+                seconds,
+                outcome.work.passes,
+                planned as f64 / seconds,
+                useful_flops / seconds / 1e9
+            );
+        }
+        let max_diff = results[0]
+            .2
+            .rows
+            .iter()
+            .zip(&results[1].2.rows)
+            .map(|(a, b)| (a.cells[0].value.unwrap() - b.cells[0].value.unwrap()).abs())
+            .fold(0.0, f64::max);
+        println!("  speed-up {:.1}x; largest difference between the two: {max_diff:.2e}", results[1].1 / results[0].1);
+    }
+    std::fs::remove_dir_all(&tmp)?;
+    Ok(())
+}
