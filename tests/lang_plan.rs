@@ -89,3 +89,23 @@ metric pd = prob_diff per_prompt_mean
     assert_eq!(mlp[1].layers, vec![0, 1]);
     insta::assert_snapshot!(p.to_string().replace(&ws.path().display().to_string(), "<ws>"));
 }
+
+/// The plan itself (what the engine executes), not only its text: a change to runs, positions,
+/// corruptions or outputs shows in review.
+#[test]
+fn ioi_plan_ir() {
+    let src = IOI
+        .replace("count 4", "count 2")
+        .replace("heads all\n", "heads [0, 1]\n")
+        .replace("L1.H3", "L1.H1")
+        .replace("L1.H2 when", "L1.H0 when")
+        .replace("samples 10", "samples 2")
+        .replace("corruption abc   = resample IO, S1, S2 distinct seed 3\n", "")
+        .replace("[s2_io, abc, gn]", "[s2_io, gn]");
+    let ws = fixture::workspace();
+    let path = fixture::write(ws.path(), "ioi.bay", &src);
+    let exp = check::check_file(&path, None)
+        .unwrap_or_else(|d| panic!("{}", d.iter().map(|d| d.render_plain()).collect::<String>()));
+    let json = serde_json::to_string_pretty(&plan::plan(&exp)).unwrap();
+    insta::assert_snapshot!(json.replace(&ws.path().display().to_string(), "<ws>"));
+}

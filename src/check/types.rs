@@ -35,7 +35,8 @@ pub struct Model {
     pub device: Device,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Device {
     Cpu,
     Cuda,
@@ -143,7 +144,8 @@ pub struct SlotSpan {
     pub end: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Answer {
     Token {
         text: String,
@@ -162,7 +164,8 @@ impl Answer {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CorruptedPrompt {
     /// A different prompt of the same token count (STR, counterfactual).
     Tokens { text: String, ids: Vec<u32>, tokens: Vec<String> },
@@ -178,7 +181,8 @@ pub struct Corruption {
     pub kind: CorruptionKind,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CorruptionKind {
     /// Slot -> replacement (another slot's value, or a literal).
     Replace(Vec<(String, Replacement)>),
@@ -213,13 +217,15 @@ impl CorruptionKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Replacement {
     Slot(String),
     Literal(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AblationKind {
     Zero,
     Mean,
@@ -283,7 +289,8 @@ pub enum PositionSelection {
     List(Vec<Position>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MetricKind {
     LogitDiff,
     ProbDiff,
@@ -309,7 +316,8 @@ impl MetricKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Averaging {
     RatioOfMeans,
     PerPromptMean,
@@ -332,7 +340,8 @@ pub struct Metric {
     pub averaging: Averaging,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Direction {
     Denoise,
     Noise,

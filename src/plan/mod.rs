@@ -12,7 +12,7 @@ use crate::check::types::*;
 use crate::check::{self, targets::compact};
 use crate::syntax::ast::Position;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Plan {
     pub experiment: String,
     pub model: String,
@@ -28,7 +28,7 @@ pub struct Plan {
     pub cache_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PlanMetric {
     pub name: String,
     pub kind: MetricKind,
@@ -36,7 +36,7 @@ pub struct PlanMetric {
     pub averaging: Averaging,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Variant {
     /// `ioi/s2_io/denoise`.
     pub label: String,
@@ -49,7 +49,7 @@ pub struct Variant {
     pub counts: Counts,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PlannedPrompt {
     pub clean_text: String,
     pub clean_ids: Vec<u32>,
@@ -60,7 +60,7 @@ pub struct PlannedPrompt {
     pub positions: Vec<(String, usize)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PatchRun {
     pub target: String,
     /// Full hook names patched jointly in this run (several hooks and/or window layers).
@@ -79,7 +79,7 @@ pub struct PatchRun {
     pub summation: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Counts {
     pub clean_runs: u64,
     pub corrupted_runs: u64,

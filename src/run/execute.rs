@@ -225,6 +225,8 @@ pub fn noise_sd(variant: &Variant, clean_embeds: &[Tensor]) -> f64 {
 /// The cached clean and corrupted runs of a variant.
 struct Runs {
     clean_logits: Vec<Vec<f32>>,
+    /// log P_clean per prompt (what `kl` compares with).
+    clean_lp: Vec<Vec<f64>>,
     /// `[prompt][hook]`.
     clean_acts: Vec<Vec<Tensor>>,
     /// `[prompt][sample]`; empty for ablations.
@@ -348,21 +350,27 @@ impl Setup<'_> {
         out
     }
 
-    fn collect(&self, runs: &Runs, patched_logits: &[Vec<Vec<Vec<f32>>>], work: Work) -> VariantValues {
-        let clean_lp: Vec<Vec<f64>> = runs.clean_logits.iter().map(|l| metrics::log_probs(l)).collect();
+    /// `patched`: `[run][prompt][sample]` -> every metric of that patched pass.
+    fn collect(&self, runs: &Runs, patched: &[Vec<Vec<Vec<f64>>>], work: Work) -> VariantValues {
+        let clean_lp = &runs.clean_lp;
         let clean: Vec<Vec<&Vec<f32>>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
         let corrupted = (!runs.corrupted_logits.is_empty()).then(|| {
             let logits: Vec<Vec<&Vec<f32>>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
-            self.per_prompt(&logits, &clean_lp)
+            self.per_prompt(&logits, clean_lp)
         });
-        let patched = patched_logits
+        let patched = patched
             .iter()
             .map(|run| {
-                let logits: Vec<Vec<&Vec<f32>>> = run.iter().map(|s| s.iter().collect()).collect();
-                self.per_prompt(&logits, &clean_lp)
+                (0..self.metrics.len())
+                    .map(|m| {
+                        run.iter()
+                            .map(|samples| samples.iter().map(|v| v[m]).sum::<f64>() / samples.len() as f64)
+                            .collect()
+                    })
+                    .collect()
             })
             .collect();
-        VariantValues { clean: self.per_prompt(&clean, &clean_lp), corrupted, patched, work }
+        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, work }
     }
 }
 
@@ -432,8 +440,10 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
         corrupted_logits.clear();
     }
     let means = setup.means(&clean_acts)?;
+    let clean_lp = clean_logits.iter().map(|l| metrics::log_probs(l)).collect();
     Ok(Runs {
         clean_logits,
+        clean_lp,
         clean_acts,
         corrupted_logits,
         corrupted_acts,
@@ -449,8 +459,9 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
     let runs = cached_runs(setup, model, rows)?;
     let n = setup.variant.prompts.len();
     let samples = setup.samples();
-    // [run][prompt][sample] -> logits
-    let mut patched: Vec<Vec<Vec<Vec<f32>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
+    // [run][prompt][sample] -> metric values (logits are read and dropped: a sweep's logits
+    // would not fit in memory)
+    let mut patched: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
     let mut pending: Vec<(usize, usize, usize)> = vec![];
     let mut batch: Vec<segments::Row> = vec![];
     let mut work = Work::default();
@@ -458,10 +469,10 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
     let n_layers = model.len() - 2;
     let mut flush = |pending: &mut Vec<(usize, usize, usize)>,
                      batch: &mut Vec<segments::Row>,
-                     patched: &mut Vec<Vec<Vec<Vec<f32>>>>|
+                     patched: &mut Vec<Vec<Vec<Vec<f64>>>>|
      -> Result<()> {
         for ((r, p, s), out) in pending.drain(..).zip(model.run(batch, false)?) {
-            patched[r][p][s] = out.logits;
+            patched[r][p][s] = setup.values(&out.logits, p, &runs.clean_lp[p]);
         }
         for row in batch.iter() {
             let layers = n_layers - row.start.saturating_sub(1);
@@ -479,7 +490,7 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
                 let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
                 let (pass, noop) = setup.patched_pass(run, p, &base, base_acts, &source);
                 if noop {
-                    patched[r][p][s] = base_logits(&runs, setup, p, s).clone();
+                    patched[r][p][s] = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
                     progress(1);
                     continue;
                 }
@@ -525,7 +536,7 @@ pub fn per_component(setup: &Setup, engine: &mut Engine, progress: &dyn Fn(u64))
     let runs = cached_runs(setup, engine, n * setup.samples())?;
     let mut patched = vec![vec![vec![vec![]; setup.samples()]; n]; setup.variant.patches.len()];
     let mut work = Work::default();
-    for (run, run_logits) in setup.variant.patches.iter().zip(patched.iter_mut()) {
+    for (run, run_values) in setup.variant.patches.iter().zip(patched.iter_mut()) {
         let mut passes = vec![];
         for p in 0..n {
             for s in 0..setup.samples() {
@@ -534,9 +545,9 @@ pub fn per_component(setup: &Setup, engine: &mut Engine, progress: &dyn Fn(u64))
             }
         }
         let mut outputs = engine.run(&passes, false)?.into_iter();
-        for prompt_logits in run_logits.iter_mut() {
-            for (logits, out) in prompt_logits.iter_mut().zip(outputs.by_ref()) {
-                *logits = out.logits;
+        for (p, prompt_values) in run_values.iter_mut().enumerate() {
+            for (values, out) in prompt_values.iter_mut().zip(outputs.by_ref()) {
+                *values = setup.values(&out.logits, p, &runs.clean_lp[p]);
             }
         }
         for pass in &passes {
@@ -557,12 +568,13 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
     let samples = setup.samples();
     let mut patched = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
     let mut work = Work::default();
-    for (run, run_logits) in setup.variant.patches.iter().zip(patched.iter_mut()) {
-        for (p, prompt_logits) in run_logits.iter_mut().enumerate() {
-            for (s, logits) in prompt_logits.iter_mut().enumerate() {
+    for (run, run_values) in setup.variant.patches.iter().zip(patched.iter_mut()) {
+        for (p, prompt_values) in run_values.iter_mut().enumerate() {
+            for (s, values) in prompt_values.iter_mut().enumerate() {
                 // This prompt's runs, recomputed; the other prompts' slots stay empty.
                 let mut fresh = Runs {
                     clean_logits: vec![vec![]; n],
+                    clean_lp: vec![],
                     clean_acts: vec![vec![]; n],
                     corrupted_logits: vec![vec![]; n],
                     corrupted_acts: vec![vec![]; n],
@@ -585,7 +597,8 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                 }
                 let (base, base_acts, source) = setup.base_and_source(&fresh, p, s);
                 let (pass, _) = setup.patched_pass(run, p, &base, base_acts, &source);
-                *logits = engine.run(&[pass], false)?.remove(0).logits;
+                let logits = engine.run(&[pass], false)?.remove(0).logits;
+                *values = setup.values(&logits, p, &dataset.clean_lp[p]);
                 work += Work {
                     passes: 1,
                     layer_tokens: (engine.n_layers * setup.variant.prompts[p].clean_ids.len()) as u64,

@@ -201,7 +201,8 @@ pub enum PositionSel {
     List(Vec<Spanned<Position>>),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Position {
     End,
     Index(i64),
