@@ -134,6 +134,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Check { files, device } => patchbay::check::command(&files, device.map(|d| d.to_string()).as_deref()),
         Command::Plan { file, device } => patchbay::plan::command(&file, device.map(|d| d.to_string()).as_deref()),
         Command::Run { files, device, memory, reference } => {
+            on_interrupt_say_how_to_resume();
             let options = patchbay::run::RunOptions {
                 executor: if reference { patchbay::run::Executor::Reference } else { patchbay::run::Executor::Fast },
                 memory_bytes: (memory.max(0.01) * (1u64 << 30) as f64) as u64,
@@ -142,6 +143,26 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             run_files(&files, device, &options)
         }
         Command::Doctor => doctor(),
+    }
+}
+
+/// Ctrl-C during `run`: completed batches are checkpointed; say so, and how to go on.
+fn on_interrupt_say_how_to_resume() {
+    #[cfg(unix)]
+    {
+        extern "C" fn handler(_: libc::c_int) {
+            const MESSAGE: &[u8] =
+                b"\ninterrupted: completed batches are saved beside the output; run the same command again to resume\n";
+            // SAFETY: write(2) and _exit(2) are async-signal-safe.
+            unsafe {
+                libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+                libc::_exit(130);
+            }
+        }
+        // SAFETY: installs a handler that only calls async-signal-safe functions.
+        unsafe {
+            libc::signal(libc::SIGINT, handler as *const () as libc::sighandler_t);
+        }
     }
 }
 

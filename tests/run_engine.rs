@@ -208,7 +208,8 @@ fn a_second_run_on_the_same_output_is_refused() {
     let body = "corruption s2_io = replace S2 with IO\npatch heads = attn.hook_z layers 0 heads all\nmetric p = prob\noutput \"out/r.csv\"\n";
     let file = setup(tmp.path(), Architecture::Llama, body);
     std::fs::create_dir_all(tmp.path().join("out")).unwrap();
-    std::fs::write(tmp.path().join("out/r.csv.lock"), "1").unwrap();
+    // A lock held by a live process (this test).
+    std::fs::write(tmp.path().join("out/r.csv.lock"), std::process::id().to_string()).unwrap();
     let exp = patchbay::check::check_file(&file, None).unwrap();
     let e = format!("{:#}", run::run(&exp, &RunOptions::default()).err().unwrap());
     assert!(e.contains("another patchbay run is writing"), "{e}");
@@ -294,4 +295,56 @@ sweep { direction: [denoise, noise] }
         }
         assert!(checked > 100, "{checked}");
     }
+}
+
+/// kill -9 in the middle of a run leaves no partial CSV; the same command resumes from the
+/// checkpointed batches and writes byte-identical results.
+#[test]
+fn killed_run_resumes_to_identical_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\ncorruption gn = noise on S2 samples 3\npatch heads = attn.hook_z layers all heads all\npatch resid = hook_resid_mid layers all positions each\nmetric ld = logit_diff normalized\nmetric kl = kl\nsweep { direction: [denoise, noise] }\noutput \"out/r.csv\"\nper_prompt \"out/p.csv\"\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    // More prompts, so the run lasts long enough to be killed in the middle.
+    let text = std::fs::read_to_string(&file).unwrap().replace("count 3", "count 24");
+    std::fs::write(&file, text).unwrap();
+    let patchbay = env!("CARGO_BIN_EXE_patchbay");
+    let run = |memory: &str| {
+        std::process::Command::new(patchbay).args(["run", "--quiet", "--memory", memory]).arg(&file).output().unwrap()
+    };
+    // A tiny memory budget: batches of one pass, so there is time to kill it in between.
+    let memory = "0.0000001";
+    assert!(run(memory).status.success());
+    let expected = std::fs::read(tmp.path().join("out/r.csv")).unwrap();
+    let expected_prompts = std::fs::read(tmp.path().join("out/p.csv")).unwrap();
+    assert!(!tmp.path().join("out/r.csv.run").exists(), "the run folder is removed at the end");
+    for f in ["out/r.csv", "out/p.csv", "out/r.provenance.json"] {
+        std::fs::remove_file(tmp.path().join(f)).unwrap();
+    }
+
+    let mut child = std::process::Command::new(patchbay)
+        .args(["run", "--quiet", "--memory", memory])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = tmp.path().join("out/r.csv.run/variant-0.log");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&log).map_or(true, |t| t.matches("end ").count() < 3) {
+        assert!(child.try_wait().unwrap().is_none(), "the run finished before it could be killed");
+        assert!(started.elapsed().as_secs() < 60, "no checkpoint written");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!tmp.path().join("out/r.csv").exists(), "no partial CSV");
+    assert!(tmp.path().join("out/r.csv.lock").exists(), "the killed run left its lock");
+    let resumed = run(memory);
+    assert!(
+        String::from_utf8_lossy(&resumed.stderr).contains("resuming"),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(std::fs::read(tmp.path().join("out/r.csv")).unwrap(), expected);
+    assert_eq!(std::fs::read(tmp.path().join("out/p.csv")).unwrap(), expected_prompts);
 }

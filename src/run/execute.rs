@@ -20,6 +20,7 @@ use crate::model::Dim;
 use crate::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::run::engine::{concrete, Engine, HookPatch, Output, Pass};
 use crate::run::metrics::{self, Readout};
+use crate::run::resume::VariantLog;
 use crate::run::segments::{self, Segments};
 use crate::syntax::ast::Position;
 
@@ -455,7 +456,14 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
 }
 
 /// The fast executor: cached clean/corrupted runs, batched patched runs, no-ops skipped.
-pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
+/// `log`: where completed batches are checkpointed, and earlier runs' batches read back.
+pub fn fast(
+    setup: &Setup,
+    model: &mut Segments,
+    rows: usize,
+    mut log: Option<&mut VariantLog>,
+    progress: &dyn Fn(u64),
+) -> Result<VariantValues> {
     let runs = cached_runs(setup, model, rows)?;
     let n = setup.variant.prompts.len();
     let samples = setup.samples();
@@ -467,12 +475,31 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
     let mut work = Work::default();
     // Segments: the embedding, one per layer, the unembedding.
     let n_layers = model.len() - 2;
+    // Batches are numbered in their fixed order, the key of the checkpoint.
+    let mut batch_number = 0u64;
     let mut flush = |pending: &mut Vec<(usize, usize, usize)>,
                      batch: &mut Vec<segments::Row>,
                      patched: &mut Vec<Vec<Vec<Vec<f64>>>>|
      -> Result<()> {
+        let number = batch_number;
+        batch_number += 1;
+        if let Some(entries) = log.as_mut().and_then(|l| l.completed(number)) {
+            for (r, p, s, values) in entries {
+                patched[r][p][s] = values;
+            }
+            progress(batch.len() as u64);
+            pending.clear();
+            batch.clear();
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(batch.len());
         for ((r, p, s), out) in pending.drain(..).zip(model.run(batch, false)?) {
-            patched[r][p][s] = setup.values(&out.logits, p, &runs.clean_lp[p]);
+            let values = setup.values(&out.logits, p, &runs.clean_lp[p]);
+            patched[r][p][s] = values.clone();
+            entries.push((r, p, s, values));
+        }
+        if let Some(log) = log.as_mut() {
+            log.record(number, &entries)?;
         }
         for row in batch.iter() {
             let layers = n_layers - row.start.saturating_sub(1);

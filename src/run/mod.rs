@@ -8,6 +8,7 @@ pub mod graph;
 pub mod metrics;
 pub mod output;
 pub mod results;
+pub mod resume;
 pub mod segments;
 
 use std::path::PathBuf;
@@ -77,6 +78,17 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     // Outputs are checked (and locked) before any compute.
     let _lock = exp.outputs.csv.as_deref().map(output::Lock::take).transpose()?;
     runtime::ensure(false)?;
+    // Checkpoints of completed batches, for the fast path writing an output.
+    let run_folder = match (&exp.outputs.csv, opts.executor) {
+        (Some(csv), Executor::Fast) => {
+            let (folder, note) = resume::RunFolder::open(csv, &run_key(&plan, &dir, opts.memory_bytes)?)?;
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
+            Some(folder)
+        }
+        _ => None,
+    };
 
     let total: u64 = plan.variants.iter().map(|v| v.counts.patched_runs).sum();
     let progress = if opts.quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -113,7 +125,8 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             Model::Segments(model) => {
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let rows_per_call = rows_per_call(&dir, variant, opts.memory_bytes);
-                execute::fast(&setup, model, rows_per_call, &|n| progress.inc(n))?
+                let mut log = run_folder.as_ref().map(|f| f.variant(v)).transpose()?;
+                execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))?
             }
             Model::Full(engine) => {
                 let setup = Setup::new(variant, &plan.metrics, engine.patchable.clone());
@@ -144,7 +157,20 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         output::write_atomic(path, &output::per_prompt_csv(&plan, &rows)?)?;
         written.push(path.clone());
     }
+    if let Some(folder) = run_folder {
+        folder.finish()?;
+    }
     Ok(Outcome { plan, rows, verdicts, work, written, seconds })
+}
+
+/// What a run's checkpoints depend on: the plan (prompts, corruptions, runs, metrics), the
+/// model, the batching, and this patchbay.
+fn run_key(plan: &Plan, dir: &ModelDir, memory: u64) -> Result<String> {
+    let mut hasher = Sha256::new();
+    hasher.update(serde_json::to_vec(plan)?);
+    hasher.update(sha256_file(&dir.path.join(MANIFEST_FILE))?);
+    hasher.update(format!("{memory} {}", env!("CARGO_PKG_VERSION")));
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Passes per ONNX Runtime call within the memory budget: a pass holds a few layers' worth of

@@ -40,6 +40,12 @@ impl Lock {
         let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create the output folder {}", dir.display()))?;
         let path = output.with_extension("csv.lock");
+        // A lock left by a run that no longer exists (kill -9, a crash) is taken over.
+        if let Some(pid) = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<i32>().ok()) {
+            if !process_alive(pid) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(mut f) => {
                 let _ = writeln!(f, "{}", std::process::id());
@@ -53,6 +59,12 @@ impl Lock {
             Err(e) => bail!("cannot write to {}: {e}\n  help: choose an output path in a writable folder", dir.display()),
         }
     }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists; EPERM means it exists as another user's.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 impl Drop for Lock {
