@@ -94,6 +94,15 @@ fn fast_path_matches_reference_executor() {
     for arch in [Architecture::Llama, Architecture::Gpt2] {
         let tmp = tempfile::tempdir().unwrap();
         let file = setup(tmp.path(), arch, ALL_KINDS);
+        // Imported models get suffix segments (only positions from the first changed one on).
+        let dir = patchbay::model::ModelDir::open(&tmp.path().join("model")).unwrap();
+        let segments = patchbay::run::segments::Segments::new(
+            &dir,
+            &["blocks.1.attn.hook_z".to_string()],
+            patchbay::runtime::Device::Cpu,
+        )
+        .unwrap();
+        assert!(segments.suffix, "{arch:?}");
         let fast = run_file(&file, Executor::Fast);
         let reference = run_file(&file, Executor::Reference);
         assert!(fast.work.passes < reference.work.passes, "no-ops are skipped");

@@ -173,7 +173,7 @@ pub(crate) fn align_right<T: Copy, S: Copy>(
 }
 
 /// The inverse of [`align_right`]: the trailing corner of `src` into `dst`.
-pub(crate) fn crop_right(dst: &mut [f32], dst_shape: &[usize], src: &[f32], src_shape: &[usize]) {
+pub(crate) fn crop_right<T: Copy>(dst: &mut [T], dst_shape: &[usize], src: &[T], src_shape: &[usize]) {
     if dst_shape.is_empty() {
         dst[0] = src[0];
         return;

@@ -71,13 +71,22 @@ pub struct Setup<'a> {
     /// The engine's patchable hooks (= [`hooks`]) with their shapes.
     pub hooks: Vec<(String, Vec<Dim>)>,
     pub n_heads_by_hook: Vec<Option<usize>>,
+    /// The (query) position axis of each hook's unbatched shape.
+    pos_axis: Vec<usize>,
 }
 
 impl<'a> Setup<'a> {
     /// `hooks`: the forward pass's patchable hooks (= [`hooks`] of the variant) with shapes.
     pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], hooks: Vec<(String, Vec<Dim>)>) -> Setup<'a> {
         let n_heads_by_hook = hooks.iter().map(|(_, dims)| head_axis(dims).map(|a| fixed(dims, a))).collect();
-        Setup { variant, metrics, hooks, n_heads_by_hook }
+        let pos_axis = hooks
+            .iter()
+            .map(|(_, dims)| {
+                let unbatched = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"));
+                unbatched.into_iter().position(|d| matches!(d, Dim::Symbolic(_))).unwrap_or(0)
+            })
+            .collect();
+        Setup { variant, metrics, hooks, n_heads_by_hook, pos_axis }
     }
 
     fn hook_index(&self, name: &str) -> usize {
@@ -229,11 +238,11 @@ struct Runs {
     /// log P_clean per prompt (what `kl` compares with).
     clean_lp: Vec<Vec<f64>>,
     /// `[prompt][hook]`.
-    clean_acts: Vec<Vec<Tensor>>,
+    clean_acts: Vec<Arc<Vec<Tensor>>>,
     /// `[prompt][sample]`; empty for ablations.
     corrupted_logits: Vec<Vec<Vec<f32>>>,
     /// `[prompt][sample][hook]`.
-    corrupted_acts: Vec<Vec<Vec<Tensor>>>,
+    corrupted_acts: Vec<Vec<Arc<Vec<Tensor>>>>,
     /// `[prompt][sample]`.
     corrupted_passes: Vec<Vec<Pass>>,
     /// The residual stream between segments, `[prompt][boundary]` and `[prompt][sample][boundary]`
@@ -246,7 +255,7 @@ struct Runs {
 
 impl Setup<'_> {
     /// Pooled noise sd from the clean runs' embeddings (0 without noise).
-    fn nu(&self, clean_acts: &[Vec<Tensor>]) -> f64 {
+    fn nu(&self, clean_acts: &[Arc<Vec<Tensor>>]) -> f64 {
         if !matches!(self.variant.corruption_kind, CorruptionKind::Noise { .. }) {
             return 0.0;
         }
@@ -255,7 +264,7 @@ impl Setup<'_> {
         noise_sd(self.variant, &embeds)
     }
 
-    fn means(&self, clean_acts: &[Vec<Tensor>]) -> Result<Vec<Tensor>> {
+    fn means(&self, clean_acts: &[Arc<Vec<Tensor>>]) -> Result<Vec<Tensor>> {
         if !matches!(self.variant.corruption_kind, CorruptionKind::Ablation { kind: AblationKind::Mean, .. }) {
             return Ok(vec![]);
         }
@@ -280,7 +289,7 @@ impl Setup<'_> {
     /// The base pass, its activations at every hook, and the source activations a patch
     /// writes, for prompt `p` and sample `s`.
     fn base_and_source<'r>(&self, runs: &'r Runs, p: usize, s: usize) -> (Pass, &'r [Tensor], Cow<'r, [Tensor]>) {
-        let clean = &runs.clean_acts[p];
+        let clean: &[Tensor] = &runs.clean_acts[p];
         match (self.variant.direction, &self.variant.corruption_kind) {
             (_, CorruptionKind::Ablation { kind, .. }) => {
                 let source: Cow<[Tensor]> = match kind {
@@ -289,21 +298,21 @@ impl Setup<'_> {
                     ),
                     AblationKind::Mean => Cow::Borrowed(&runs.means),
                     AblationKind::Resample => match self.variant.prompts[p].corrupted {
-                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => Cow::Borrowed(&runs.clean_acts[q]),
+                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => Cow::Borrowed(&runs.clean_acts[q][..]),
                         _ => Cow::Borrowed(clean),
                     },
                 };
                 (self.clean_pass(p), clean, source)
             }
             (Direction::Denoise, _) => {
-                (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s], Cow::Borrowed(clean))
+                (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s][..], Cow::Borrowed(clean))
             }
-            (Direction::Noise, _) => (self.clean_pass(p), clean, Cow::Borrowed(&runs.corrupted_acts[p][s])),
+            (Direction::Noise, _) => (self.clean_pass(p), clean, Cow::Borrowed(&runs.corrupted_acts[p][s][..])),
         }
     }
 
-    /// The patched pass of `run` on prompt `p`, sample `s`; `None` when the patch writes
-    /// exactly the values the base run already has (a no-op).
+    /// The patched pass of `run` on prompt `p`, and the first position where it writes a value
+    /// the base run does not already have; `None` when there is none (a no-op).
     fn patched_pass(
         &self,
         run: &PatchRun,
@@ -311,17 +320,35 @@ impl Setup<'_> {
         base: &Pass,
         base_acts: &[Tensor],
         source: &[Tensor],
-    ) -> (Pass, bool) {
+    ) -> (Pass, Option<usize>) {
         let mut pass = base.clone();
-        let mut noop = true;
+        let mut from: Option<usize> = None;
         for hook_name in &run.hooks {
             let h = self.hook_index(hook_name);
             let mask = self.component_mask(run, h, p);
             let src = &source[h].data;
-            noop &= mask
+            let (pos_axis, shape) = (self.pos_axis[h], &source[h].shape);
+            let stride: usize = shape[pos_axis + 1..].iter().product();
+            let first = mask
                 .iter()
                 .zip(src.iter().zip(&base_acts[h].data))
-                .all(|(&m, (a, b))| !m || a.to_bits() == b.to_bits());
+                .position(|(&m, (a, b))| m && a.to_bits() != b.to_bits())
+                .map(|i| i / stride);
+            // The position axis is outermost except in patterns ([heads, q, k]): scan them all.
+            let first = if pos_axis == 0 {
+                first
+            } else {
+                mask.iter()
+                    .zip(src.iter().zip(&base_acts[h].data))
+                    .enumerate()
+                    .filter(|(_, (&m, (a, b)))| m && a.to_bits() != b.to_bits())
+                    .map(|(i, _)| (i / stride) % shape[pos_axis])
+                    .min()
+            };
+            from = match (from, first) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             match pass.patches.iter_mut().find(|x| x.hook == h) {
                 // The base run already overwrites this hook (noised embeddings): the component's
                 // part comes from the source, the rest stays as the base wrote it.
@@ -335,7 +362,7 @@ impl Setup<'_> {
                 None => pass.patches.push(HookPatch { hook: h, value: src.clone(), mask }),
             }
         }
-        (pass, noop)
+        (pass, from)
     }
 
     /// `[metric][prompt]` from each prompt's runs (noise samples averaged).
@@ -390,7 +417,14 @@ impl Forward for Segments {
     fn forward(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>> {
         let rows: Vec<segments::Row> = passes
             .iter()
-            .map(|p| segments::Row { ids: p.ids.clone(), patches: p.patches.clone(), start: 0, resid: None })
+            .map(|p| segments::Row {
+                ids: p.ids.clone(),
+                patches: p.patches.clone(),
+                start: 0,
+                resid: None,
+                from: 0,
+                base: None,
+            })
             .collect();
         self.run(&rows, capture)
     }
@@ -412,7 +446,7 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
     let (mut clean_logits, mut clean_acts, mut clean_bounds) = (vec![], vec![], vec![]);
     for out in run_chunked(model, &clean, rows, true)? {
         clean_logits.push(out.logits);
-        clean_acts.push(out.captures);
+        clean_acts.push(Arc::new(out.captures));
         clean_bounds.push(out.boundaries);
     }
     let nu = setup.nu(&clean_acts);
@@ -430,7 +464,7 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
         let (mut l, mut a, mut b) = (vec![], vec![], vec![]);
         for out in results.by_ref().take(passes.len()) {
             l.push(out.logits);
-            a.push(out.captures);
+            a.push(Arc::new(out.captures));
             b.push(out.boundaries);
         }
         corrupted_logits.push(l);
@@ -475,6 +509,7 @@ pub fn fast(
     let mut work = Work::default();
     // Segments: the embedding, one per layer, the unembedding.
     let n_layers = model.len() - 2;
+    let suffix = model.suffix;
     // Batches are numbered in their fixed order, the key of the checkpoint.
     let mut batch_number = 0u64;
     let mut flush = |pending: &mut Vec<(usize, usize, usize)>,
@@ -503,7 +538,8 @@ pub fn fast(
         }
         for row in batch.iter() {
             let layers = n_layers - row.start.saturating_sub(1);
-            work += Work { passes: 1, layer_tokens: (layers * row.ids.len()) as u64 };
+            let tokens = if suffix { row.ids.len() - row.from } else { row.ids.len() };
+            work += Work { passes: 1, layer_tokens: (layers * tokens) as u64 };
         }
         progress(batch.len() as u64);
         batch.clear();
@@ -515,12 +551,12 @@ pub fn fast(
         for p in 0..n {
             for s in 0..samples {
                 let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
-                let (pass, noop) = setup.patched_pass(run, p, &base, base_acts, &source);
-                if noop {
+                let (pass, from) = setup.patched_pass(run, p, &base, base_acts, &source);
+                let Some(from) = from else {
                     patched[r][p][s] = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
                     progress(1);
                     continue;
-                }
+                };
                 // The base run's own patches before `start` (noised embeddings) are already in
                 // the residual stream it left at `start`.
                 let patches: Vec<HookPatch> = pass
@@ -529,7 +565,8 @@ pub fn fast(
                     .filter(|x| segments::segment_of(&setup.hooks[x.hook].0) >= start)
                     .collect();
                 let resid = (start > 0).then(|| base_bounds(&runs, setup, p, s)[start - 1].clone());
-                batch.push(segments::Row { ids: pass.ids, patches, start, resid });
+                let base = Some(base_captures(&runs, setup, p, s).clone());
+                batch.push(segments::Row { ids: pass.ids, patches, start, resid, from, base });
                 pending.push((r, p, s));
                 if batch.len() >= rows {
                     flush(&mut pending, &mut batch, &mut patched)?;
@@ -539,6 +576,14 @@ pub fn fast(
     }
     flush(&mut pending, &mut batch, &mut patched)?;
     Ok(setup.collect(&runs, &patched, work))
+}
+
+/// Everything the base run of prompt `p`, sample `s` captured (its keys and values included).
+fn base_captures<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Arc<Vec<Tensor>> {
+    match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
+        (Direction::Denoise, false) => &runs.corrupted_acts[p][s],
+        _ => &runs.clean_acts[p],
+    }
 }
 
 /// The residual streams the base run of prompt `p`, sample `s` left between segments.
@@ -602,7 +647,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                 let mut fresh = Runs {
                     clean_logits: vec![vec![]; n],
                     clean_lp: vec![],
-                    clean_acts: vec![vec![]; n],
+                    clean_acts: (0..n).map(|_| Arc::new(vec![])).collect(),
                     corrupted_logits: vec![vec![]; n],
                     corrupted_acts: vec![vec![]; n],
                     corrupted_passes: vec![vec![]; n],
@@ -612,15 +657,16 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                 };
                 let clean = engine.run(&[setup.clean_pass(p)], true)?.remove(0);
                 fresh.clean_logits[p] = clean.logits;
-                fresh.clean_acts[p] = clean.captures;
+                fresh.clean_acts[p] = Arc::new(clean.captures);
                 if let CorruptedPrompt::Ablation { source_prompt: Some(q) } = setup.variant.prompts[p].corrupted {
-                    fresh.clean_acts[q] = engine.run(&[setup.clean_pass(q)], true)?.remove(0).captures;
+                    fresh.clean_acts[q] = Arc::new(engine.run(&[setup.clean_pass(q)], true)?.remove(0).captures);
                 }
                 if let Some(pass) = dataset.corrupted_passes[p].get(s) {
                     let corrupted = engine.run(std::slice::from_ref(pass), true)?.remove(0);
                     fresh.corrupted_passes[p] = vec![pass.clone(); s + 1];
                     fresh.corrupted_logits[p] = vec![corrupted.logits; s + 1];
-                    fresh.corrupted_acts[p] = vec![corrupted.captures; s + 1];
+                    let captures = Arc::new(corrupted.captures);
+                    fresh.corrupted_acts[p] = (0..=s).map(|_| captures.clone()).collect();
                 }
                 let (base, base_acts, source) = setup.base_and_source(&fresh, p, s);
                 let (pass, _) = setup.patched_pass(run, p, &base, base_acts, &source);

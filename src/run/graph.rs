@@ -135,7 +135,7 @@ fn tensor_info(name: &str, elem_type: i32, shape: &[Dim]) -> ValueInfoProto {
     info
 }
 
-fn sort_topologically(graph: &mut crate::onnx::proto::GraphProto) -> Result<()> {
+pub(crate) fn sort_topologically(graph: &mut crate::onnx::proto::GraphProto) -> Result<()> {
     use std::collections::HashSet;
     let mut available: HashSet<String> = graph.input.iter().map(|i| i.name.clone()).collect();
     available.extend(graph.initializer.iter().map(|t| t.name.clone()));

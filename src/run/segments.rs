@@ -32,6 +32,12 @@ pub struct Row {
     pub start: usize,
     /// The residual stream entering segment `start` (`[len, d_model]`), for `start > 0`.
     pub resid: Option<std::sync::Arc<Tensor>>,
+    /// The first position whose activations differ from the base run's (0 for a run of its
+    /// own): in suffix mode, earlier positions are not recomputed.
+    pub from: usize,
+    /// The base run's captures ([`Segments::captured`] order): keys and values of the
+    /// positions before `from`.
+    pub base: Option<std::sync::Arc<Vec<Tensor>>>,
 }
 
 struct Segment {
@@ -45,11 +51,19 @@ struct Segment {
     /// The boundary tensor it reads (none for the embedding) and writes (none for the last).
     input: Option<String>,
     output: String,
+    /// Suffix mode: the key and value hooks (indices into `captured`) whose prefix is an
+    /// input, with that input's name.
+    prefix: Option<[(usize, String); 2]>,
 }
 
 pub struct Segments {
     segments: Vec<Segment>,
     pub patchable: Vec<(String, Vec<Dim>)>,
+    /// Captured hooks: the patchable ones, then every layer's keys and values (the prefix a
+    /// suffix pass reads from its base run).
+    pub captured: Vec<(String, Vec<Dim>)>,
+    /// Whether layer segments compute only the positions from the first changed one on.
+    pub suffix: bool,
     d_model: usize,
 }
 
@@ -62,10 +76,19 @@ pub fn segment_of(hook: &str) -> usize {
 }
 
 impl Segments {
-    /// `hooks` are patchable and captured.
+    /// `hooks` are patchable; they and every layer's keys and values are captured.
     pub fn new(dir: &ModelDir, hooks: &[String], device: Device) -> Result<Segments> {
         let manifest = &dir.manifest;
-        let full = graph::load(manifest, &dir.path, hooks, hooks)?;
+        let mut captured_names: Vec<String> = hooks.to_vec();
+        for l in 0..manifest.config.n_layers {
+            for kv in ["hook_k", "hook_v"] {
+                let name = format!("blocks.{l}.attn.{kv}");
+                if !captured_names.contains(&name) && manifest.hooks.contains_key(&name) {
+                    captured_names.push(name);
+                }
+            }
+        }
+        let full = graph::load(manifest, &dir.path, hooks, &captured_names)?;
         let g = full.graph.as_ref().expect("graph::build keeps the graph");
         let n = manifest.config.n_layers;
         let tensor = |hook: String| -> Result<String> {
@@ -82,20 +105,45 @@ impl Segments {
             .map(|node| node.input[0].clone())
             .ok_or_else(|| anyhow!("the patchable graph has no final slice"))?;
         boundaries.push(last);
-        let patchable: Vec<(String, Vec<Dim>)> = hooks
-            .iter()
-            .map(|h| Ok((h.clone(), manifest.hooks.get(h).ok_or_else(|| anyhow!("no hook `{h}`"))?.shape.clone())))
-            .collect::<Result<_>>()?;
-        let mut segments = vec![];
+        let shapes = |names: &[String]| -> Result<Vec<(String, Vec<Dim>)>> {
+            names
+                .iter()
+                .map(|h| Ok((h.clone(), manifest.hooks.get(h).ok_or_else(|| anyhow!("no hook `{h}`"))?.shape.clone())))
+                .collect()
+        };
+        let (patchable, captured) = (shapes(hooks)?, shapes(&captured_names)?);
+        let mut parts = vec![];
         for k in 0..=n + 1 {
             let input = (k > 0).then(|| boundaries[k - 1].clone());
             let output = if k <= n { boundaries[k].clone() } else { graph::LAST_LOGITS.to_string() };
             let patched: Vec<usize> = (0..hooks.len()).filter(|&i| k <= n && segment_of(&hooks[i]) == k).collect();
-            let captured: Vec<(usize, String)> =
-                patched.iter().map(|&i| (i, graph::capture_output(&hooks[i]))).collect();
+            let captures: Vec<(usize, String)> = (0..captured_names.len())
+                .filter(|&i| k <= n && segment_of(&captured_names[i]) == k)
+                .map(|i| (i, graph::capture_output(&captured_names[i])))
+                .collect();
             let mut outputs = vec![output.clone()];
-            outputs.extend(captured.iter().map(|(_, o)| o.clone()));
+            outputs.extend(captures.iter().map(|(_, o)| o.clone()));
             let model = extract(&full, input.as_deref(), &outputs, manifest.config.d_model)?;
+            parts.push((model, input, output, patched, captures));
+        }
+        // Suffix mode needs every layer segment to be converted; otherwise none is.
+        let mut suffix_models = vec![];
+        for (k, (model, input, ..)) in parts.iter().enumerate() {
+            if (1..=n).contains(&k) {
+                let mut m = model.clone();
+                if make_suffix(&mut m, manifest, k - 1, input.as_deref().expect("layer segments have inputs")) {
+                    suffix_models.push(Some(m));
+                    continue;
+                }
+                suffix_models.clear();
+                break;
+            }
+            suffix_models.push(None);
+        }
+        let suffix = suffix_models.len() == parts.len();
+        let mut segments = vec![];
+        for (k, (model, input, output, patched, captures)) in parts.into_iter().enumerate() {
+            let model = if suffix { suffix_models[k].take().unwrap_or(model) } else { model };
             let graph_inputs: HashSet<&str> =
                 model.graph.as_ref().expect("extract keeps the graph").input.iter().map(|i| i.name.as_str()).collect();
             let token_inputs = crate::onnx::build::INPUTS
@@ -103,10 +151,18 @@ impl Segments {
                 .filter(|i| graph_inputs.contains(*i))
                 .map(|s| s.to_string())
                 .collect();
+            let prefix = (suffix && (1..=n).contains(&k)).then(|| {
+                let index = |kv: &str| {
+                    let name = format!("blocks.{}.attn.{kv}", k - 1);
+                    let i = captured.iter().position(|(h, _)| *h == name).expect("keys and values are captured");
+                    (i, prefix_input(&manifest.hooks[&name].tensor))
+                };
+                [index("hook_k"), index("hook_v")]
+            });
             let session = runtime::session_from_proto(&model, &dir.path, device)?;
-            segments.push(Segment { session, token_inputs, patched, captured, input, output });
+            segments.push(Segment { session, token_inputs, patched, captured: captures, input, output, prefix });
         }
-        Ok(Segments { segments, patchable, d_model: manifest.config.d_model })
+        Ok(Segments { segments, patchable, captured, suffix, d_model: manifest.config.d_model })
     }
 
     /// The number of segments (embedding, layers, unembedding).
@@ -127,7 +183,12 @@ impl Segments {
         let batch = Batch::new(&sequences);
         let pos = batch.pos;
         let d = self.d_model;
-        let no_captures = if capture { self.patchable.len() } else { 0 };
+        // Positions computed: from the earliest changed one of any row to the end.
+        let span = match (self.suffix, capture) {
+            (true, false) => rows.iter().map(|r| r.ids.len() - r.from.min(r.ids.len() - 1)).max().unwrap_or(pos),
+            _ => pos,
+        };
+        let no_captures = if capture { self.captured.len() } else { 0 };
         let mut outputs: Vec<Output> = rows
             .iter()
             .map(|_| Output {
@@ -151,7 +212,7 @@ impl Segments {
                         .ok_or_else(|| anyhow!("a pass starting at segment {k} has no residual stream"))?;
                     let mut padded = vec![0f32; pos * d];
                     align_right(&mut padded, &[pos, d], &cached.data, &cached.shape, |x, s| *x = s);
-                    resid.extend(padded);
+                    resid.extend_from_slice(&padded[(pos - span) * d..]);
                 }
                 active += 1;
             }
@@ -170,8 +231,28 @@ impl Segments {
             if let Some(input) = &segment.input {
                 inputs.push((
                     input.clone(),
-                    OrtTensor::from_array((vec![b as i64, pos as i64, d as i64], resid.clone()))?.into_dyn(),
+                    OrtTensor::from_array((vec![b as i64, span as i64, d as i64], resid.clone()))?.into_dyn(),
                 ));
+            }
+            if let Some(kv) = &segment.prefix {
+                for (index, input_name) in kv {
+                    let index = *index;
+                    let dims = &self.captured[index].1;
+                    let full = concrete(dims, None, pos);
+                    let per_row: usize = full[1..].iter().product::<usize>() * (pos - span);
+                    let mut data = Vec::with_capacity(b * per_row);
+                    for &i in &order[..b] {
+                        let mut padded = vec![0f32; full.iter().product()];
+                        if let Some(base) = &rows[i].base {
+                            let t = &base[index];
+                            align_right(&mut padded, &full, &t.data, &t.shape, |x, s| *x = s);
+                        }
+                        data.extend_from_slice(&padded[..per_row]);
+                    }
+                    let mut shape = vec![b as i64, (pos - span) as i64];
+                    shape.extend(full[1..].iter().map(|&x| x as i64));
+                    inputs.push((input_name.clone(), OrtTensor::from_array((shape, data))?.into_dyn()));
+                }
             }
             for &h in &segment.patched {
                 let dims = &self.patchable[h].1;
@@ -187,15 +268,28 @@ impl Segments {
                         OrtTensor::from_array((ones, vec![0f32]))?.into_dyn(),
                     )
                 } else {
+                    // Positions before the span are not computed (but by the embedding): their part
+                    // of the patch is dropped.
+                    let axes = if k == 0 { vec![] } else { suffix_axes(&self.patchable[h].0, dims) };
+                    let shorten = |mut shape: Vec<usize>| {
+                        axes.iter().for_each(|&a| shape[a] = shape[a].min(span));
+                        shape
+                    };
                     let padded = concrete(dims, Some(b), pos);
+                    let padded = [vec![b], shorten(padded[1..].to_vec())].concat();
                     let row_len: usize = padded[1..].iter().product();
                     let mut mask = vec![false; b * row_len];
                     let mut value = vec![0f32; b * row_len];
                     for (slot, patch) in patched_rows {
                         let own = concrete(dims, None, rows[order[slot]].ids.len());
+                        let kept = shorten(own.clone());
+                        let mut m = vec![false; kept.iter().product()];
+                        let mut v = vec![0f32; m.len()];
+                        crop_right(&mut m, &kept, &patch.mask, &own);
+                        crop_right(&mut v, &kept, &patch.value, &own);
                         let at = slot * row_len;
-                        align_right(&mut mask[at..at + row_len], &padded[1..], &patch.mask, &own, |x, s| *x = *x || s);
-                        align_right(&mut value[at..at + row_len], &padded[1..], &patch.value, &own, |x, s| *x = s);
+                        align_right(&mut mask[at..at + row_len], &padded[1..], &m, &kept, |x, s| *x = *x || s);
+                        align_right(&mut value[at..at + row_len], &padded[1..], &v, &kept, |x, s| *x = s);
                     }
                     let shape: Vec<i64> = padded.iter().map(|&x| x as i64).collect();
                     (
@@ -212,7 +306,11 @@ impl Segments {
                 let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow!("output `{name}`: {e}"))?;
                 Ok((shape.iter().map(|&x| x as usize).collect(), data.to_vec()))
             };
-            let (shape, data) = extract(&segment.output)?;
+            let (shape, mut data) = extract(&segment.output)?;
+            if k == 0 && span < pos {
+                // The embedding computes every position; keep the span.
+                data = data.chunks(pos * d).flat_map(|row| row[(pos - span) * d..].iter().copied()).collect();
+            }
             if k + 1 == n_segments {
                 let vocab = *shape.last().expect("logits have a vocabulary axis");
                 for (slot, &i) in order[..b].iter().enumerate() {
@@ -225,7 +323,7 @@ impl Segments {
                     let (shape, data) = extract(name)?;
                     let row_len: usize = shape[1..].iter().product();
                     for (slot, &i) in order[..b].iter().enumerate() {
-                        let own = concrete(&self.patchable[h].1, None, rows[i].ids.len());
+                        let own = concrete(&self.captured[h].1, None, rows[i].ids.len());
                         let mut unpadded = vec![0f32; own.iter().product()];
                         crop_right(&mut unpadded, &own, &data[slot * row_len..(slot + 1) * row_len], &shape[1..]);
                         outputs[i].captures[h] = Tensor::new(own, unpadded);
@@ -276,4 +374,138 @@ fn extract(model: &ModelProto, input: Option<&str>, outputs: &[String], d_model:
         });
     }
     Ok(ModelProto { graph: Some(graph), ..model.clone() })
+}
+
+/// Unbatched axes of a hook that run over the computed positions only: every position axis,
+/// except a key's or value's (all positions, the prefix included) and an attention pattern's
+/// key axis.
+fn suffix_axes(hook: &str, dims: &[Dim]) -> Vec<usize> {
+    let positions: Vec<usize> = dims
+        .iter()
+        .filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"))
+        .enumerate()
+        .filter(|(_, d)| matches!(d, Dim::Symbolic(_)))
+        .map(|(i, _)| i)
+        .collect();
+    match hook.rsplit('.').next() {
+        Some("hook_k" | "hook_v") => vec![],
+        Some("hook_pattern") => positions.into_iter().take(1).collect(),
+        _ => positions,
+    }
+}
+
+/// Prefix key/value inputs of a suffix segment.
+pub fn prefix_input(hook: &str) -> String {
+    format!("prefix.{hook}")
+}
+
+/// Turn layer `layer`'s segment (reading the residual stream `input`) into one that computes
+/// only the last S positions, S = the length of `input`: queries, MLP and residual stream for
+/// those positions, keys and values for all (the first ones from `prefix.<hook_k>` /
+/// `prefix.<hook_v>` inputs, the cached values of the base run, unchanged there by causality).
+/// Returns false, leaving `model` as it was, when the graph is not laid out as `patchbay import`
+/// builds it (attention bias from the `mask` scope, RoPE tables from the `rope` scope).
+fn make_suffix(model: &mut ModelProto, manifest: &crate::model::Manifest, layer: usize, input: &str) -> bool {
+    use crate::onnx::proto::NodeProto;
+    let original = model.clone();
+    let g = model.graph.as_mut().expect("segments have graphs");
+    let tensor = |hook: &str| manifest.hooks.get(&format!("blocks.{layer}.attn.{hook}")).map(|h| h.tensor.clone());
+    let (Some(q), Some(k), Some(v)) = (tensor("hook_q"), tensor("hook_k"), tensor("hook_v")) else { return false };
+    // The scope of a tensor's producer: the builder names outputs `<scope>.<op>_<n>`.
+    let scope_of: std::collections::HashMap<String, String> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(|o| (o.clone(), n.output[0].split('.').next().unwrap_or("").to_string())))
+        .collect();
+    let node = |op: &str, inputs: &[&str], output: &str, attrs: Vec<crate::onnx::proto::AttributeProto>| NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        name: format!("patchbay:suffix:{output}"),
+        op_type: op.into(),
+        attribute: attrs,
+        ..Default::default()
+    };
+    let mut added: Vec<NodeProto> = vec![
+        node(
+            "Shape",
+            &[input],
+            "suffix.len",
+            vec![crate::onnx::writer::attr_int("start", 1), crate::onnx::writer::attr_int("end", 2)],
+        ),
+        node("Neg", &["suffix.len"], "suffix.start", vec![]),
+    ];
+    for (name, values) in [("suffix.end", vec![i64::MAX]), ("suffix.axis1", vec![1]), ("suffix.axis2", vec![2])] {
+        g.initializer.push(crate::onnx::proto::TensorProto {
+            dims: vec![1],
+            data_type: data_type::INT64,
+            name: name.into(),
+            raw_data: values.iter().flat_map(|v: &i64| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+    }
+    // Tensors downstream of q (the query path), to tell its RoPE from the keys'.
+    let mut q_path: HashSet<String> = [q.clone()].into();
+    for n in &g.node {
+        if n.input.iter().any(|i| q_path.contains(i)) {
+            q_path.extend(n.output.iter().cloned());
+        }
+    }
+    let mut bias_slices = 0;
+    let mut rope_slices = 0;
+    let mut rope_tables = 0;
+    let scopes: Vec<(usize, usize, String)> = g
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.input.iter().enumerate().map(move |(j, x)| (i, j, x.clone())))
+        .collect();
+    for (i, j, x) in scopes {
+        let consumer_scope = g.node[i].output[0].split('.').next().unwrap_or("").to_string();
+        match scope_of.get(&x).map(String::as_str) {
+            // The attention bias [batch, 1, q, k]: keep the last S query rows.
+            Some("mask") if consumer_scope != "mask" => {
+                let sliced = format!("{x}.suffix");
+                added.push(node("Slice", &[&x, "suffix.start", "suffix.end", "suffix.axis2"], &sliced, vec![]));
+                g.node[i].input[j] = sliced;
+                bias_slices += 1;
+            }
+            // RoPE tables [batch, pos, 1, d_head]: the queries' rows are the last S.
+            Some("rope") if consumer_scope != "rope" => {
+                rope_tables += 1;
+                if g.node[i].input.iter().any(|y| q_path.contains(y)) {
+                    let sliced = format!("{x}.suffix");
+                    added.push(node("Slice", &[&x, "suffix.start", "suffix.end", "suffix.axis1"], &sliced, vec![]));
+                    g.node[i].input[j] = sliced;
+                    rope_slices += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    // Keys and values: the prefix from the cache, then the computed suffix.
+    for t in [&k, &v] {
+        let Some(producer) = g.node.iter_mut().find(|n| n.output.iter().any(|o| o == t)) else { return false };
+        let own = format!("{t}.suffix");
+        producer.output.iter_mut().filter(|o| *o == t).for_each(|o| *o = own.clone());
+        let prefix = prefix_input(t);
+        let dims = [
+            Dim::Symbolic("batch".into()),
+            Dim::Symbolic("prefix".into()),
+            Dim::Fixed(manifest.config.n_kv_heads),
+            Dim::Fixed(manifest.config.d_head),
+        ];
+        g.input.push(crate::onnx::writer::value_info(&prefix, data_type::FLOAT, &dims));
+        added.push(node("Concat", &[&prefix, &own], t, vec![crate::onnx::writer::attr_int("axis", 1)]));
+    }
+    let rope_ok = rope_tables == 0 || rope_slices > 0;
+    if bias_slices == 0 || !rope_ok {
+        *model = original;
+        return false;
+    }
+    g.node.extend(added);
+    if graph::sort_topologically(g).is_err() {
+        *model = original;
+        return false;
+    }
+    true
 }
