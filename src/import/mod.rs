@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod gguf;
+pub mod gguf_config;
 pub mod gguf_tokenizer;
 pub mod hf_config;
 pub mod hf_tokenizer;
