@@ -212,6 +212,10 @@ fn print_csv(prediction: &predict::Prediction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `examples/demo.bay`, with the shared pools spliced in so it runs from the cache folder.
+const DEMO_EXPERIMENT: &str = include_str!("../examples/demo.bay");
+const DEMO_NAMES: &str = include_str!("../examples/shared/names.bay");
+
 fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     runtime::ensure(true)?;
     let model = setup::ensure_demo_model(quiet)?;
@@ -219,9 +223,20 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
         print_table(prompt, &predict::predict(&model, prompt, 5, device)?);
     }
     println!("\nmodel directory: {}", model.path.display());
-    println!(
-        "next: `patchbay check examples/ioi.bay` and `patchbay plan examples/ioi.bay` compile an experiment against it"
-    );
+    // The main job: an activation-patching sweep, written where the demo keeps its files.
+    let file = setup::cache_dir().join("demo").join("demo.bay");
+    std::fs::create_dir_all(file.parent().expect("has a parent"))?;
+    std::fs::write(&file, DEMO_EXPERIMENT.replace("include \"shared/names.bay\"", DEMO_NAMES))?;
+    println!("\nrunning the demo experiment (examples/demo.bay: an IOI head sweep, 8 prompts x 270 heads)");
+    let exp = patchbay::check::check_file(&file, Some(device.to_string().as_str())).map_err(|d| {
+        anyhow::anyhow!(
+            "the demo experiment does not check: {}",
+            d.iter().map(|d| d.render_plain()).collect::<String>()
+        )
+    })?;
+    let outcome = patchbay::run::run(&exp, &patchbay::run::RunOptions { quiet, ..Default::default() })?;
+    print!("{}", patchbay::run::summary(&outcome));
+    println!("\nnext: `patchbay run examples/ioi.bay` runs the full methodology comparison");
     Ok(true)
 }
 

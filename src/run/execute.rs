@@ -70,7 +70,6 @@ pub struct Setup<'a> {
     pub metrics: &'a [PlanMetric],
     /// The engine's patchable hooks (= [`hooks`]) with their shapes.
     pub hooks: Vec<(String, Vec<Dim>)>,
-    pub n_heads_by_hook: Vec<Option<usize>>,
     /// The (query) position axis of each hook's unbatched shape.
     pos_axis: Vec<usize>,
 }
@@ -78,7 +77,6 @@ pub struct Setup<'a> {
 impl<'a> Setup<'a> {
     /// `hooks`: the forward pass's patchable hooks (= [`hooks`] of the variant) with shapes.
     pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], hooks: Vec<(String, Vec<Dim>)>) -> Setup<'a> {
-        let n_heads_by_hook = hooks.iter().map(|(_, dims)| head_axis(dims).map(|a| fixed(dims, a))).collect();
         let pos_axis = hooks
             .iter()
             .map(|(_, dims)| {
@@ -86,7 +84,7 @@ impl<'a> Setup<'a> {
                 unbatched.into_iter().position(|d| matches!(d, Dim::Symbolic(_))).unwrap_or(0)
             })
             .collect();
-        Setup { variant, metrics, hooks, n_heads_by_hook, pos_axis }
+        Setup { variant, metrics, hooks, pos_axis }
     }
 
     fn hook_index(&self, name: &str) -> usize {
@@ -179,14 +177,6 @@ pub fn resolve(pos: &Position, prompt: &PlannedPrompt) -> usize {
 fn head_axis(dims: &[Dim]) -> Option<usize> {
     let unbatched: Vec<&Dim> = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch")).collect();
     (unbatched.len() == 3).then(|| unbatched.iter().position(|d| matches!(d, Dim::Fixed(_)))).flatten()
-}
-
-fn fixed(dims: &[Dim], axis: usize) -> usize {
-    let unbatched: Vec<&Dim> = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch")).collect();
-    match unbatched[axis] {
-        Dim::Fixed(n) => *n,
-        Dim::Symbolic(_) => 0,
-    }
 }
 
 /// Gaussian noise eps ~ N(0, nu^2) added to the embedding rows at `positions`.

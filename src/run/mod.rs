@@ -103,25 +103,22 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     );
     let mut rows = vec![];
     let mut work = execute::Work::default();
-    // One model per distinct set of patched hooks, shared by the variants that patch them.
-    let mut models: Vec<(Vec<String>, Model)> = vec![];
+    // One model at a time, rebuilt when a variant patches a different set of hooks (variants
+    // of one corruption share theirs); two would hold the weights twice.
+    let mut current: Option<(Vec<String>, Model)> = None;
     for (v, variant) in plan.variants.iter().enumerate() {
         progress.set_message(variant.label.clone());
         let hooks = execute::hooks(variant);
-        let index = match models.iter().position(|(h, _)| *h == hooks) {
-            Some(i) => i,
-            None => {
-                let model = match opts.executor {
-                    Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device)?),
-                    Executor::Reference | Executor::PerComponent => {
-                        Model::Full(Engine::new(&dir, &hooks, &hooks, device)?)
-                    }
-                };
-                models.push((hooks.clone(), model));
-                models.len() - 1
-            }
-        };
-        let values: VariantValues = match &mut models[index].1 {
+        if current.as_ref().is_none_or(|(h, _)| *h != hooks) {
+            drop(current.take());
+            let model = match opts.executor {
+                Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device)?),
+                Executor::Reference | Executor::PerComponent => Model::Full(Engine::new(&dir, &hooks, &hooks, device)?),
+            };
+            current = Some((hooks, model));
+        }
+        let (_, model) = current.as_mut().expect("a model was just made");
+        let values: VariantValues = match model {
             Model::Segments(model) => {
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let rows_per_call = rows_per_call(&dir, variant, opts.memory_bytes);
@@ -261,10 +258,11 @@ pub fn summary(outcome: &Outcome) -> String {
             let Some(first) = rows.first() else { continue };
             let c = &first.cells[m];
             let corrupted = c.corrupted.map_or("-".to_string(), |x| format!("{x:.4}"));
-            let _ = write!(s, "  {}: clean {:.4}, corrupted {corrupted}; top:", metric.name, c.clean);
+            let _ = write!(s, "  {}: clean {:.4}, corrupted {corrupted}; largest |effect|:", metric.name, c.clean);
+            // By size: in the noise direction the components that matter most are negative.
+            let size = |r: &Row| r.cells[m].value.map_or(-1.0, f64::abs);
             let mut ranked = rows.clone();
-            ranked
-                .sort_by(|a, b| b.cells[m].value.unwrap_or(f64::MIN).total_cmp(&a.cells[m].value.unwrap_or(f64::MIN)));
+            ranked.sort_by(|a, b| size(b).total_cmp(&size(a)));
             for r in ranked.iter().take(3) {
                 let value = r.cells[m].value.map_or("-".to_string(), |x| format!("{x:.3}"));
                 let _ = write!(s, " {} {} {value},", r.target, r.component);

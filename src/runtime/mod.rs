@@ -201,9 +201,14 @@ pub fn session_from_proto(
         // spinning by the previous session would steal the cores from the next one.
         .and_then(|b| b.with_config_entry("session.intra_op.allow_spinning", "0").map_err(Into::into))
         .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
-    if device == Device::Cuda {
-        builder = with_cuda(builder, rt)?;
-    }
+    builder = match device {
+        Device::Cuda => with_cuda(builder, rt)?,
+        // No per-session arena: the engine holds a session per layer segment, and arenas that
+        // grow to the largest batch and never shrink would hold that batch's memory 30 times.
+        Device::Cpu => builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(|e| anyhow::anyhow!("cannot configure the CPU execution provider: {e}"))?,
+    };
     builder
         .commit_from_memory(&model.encode_to_vec())
         .map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load the graph for {}: {e}", weights_dir.display()))
