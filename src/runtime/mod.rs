@@ -79,12 +79,26 @@ pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
             setup::cache_dir().display()
         ),
     };
+    reuse_freed_memory();
     let env = ort::init_from(&library)
         .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}", library.display()))?
         .with_name("patchbay")
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start ONNX Runtime from {}: {e}", library.display()))?;
     Ok(RUNTIME.get_or_init(|| Runtime { library, found_via, env }))
+}
+
+/// Sessions run without arenas (see [`session_from_proto`]), so every large tensor is a fresh
+/// allocation; glibc serves those with mmap and returns them on free, paying page faults for each
+/// one again. Keep freed memory in the heap for reuse instead: the process then holds its peak
+/// once, not once per session.
+fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called before ONNX Runtime allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
 }
 
 /// Find the library without installing anything; the error lists the places looked at.
