@@ -6,7 +6,7 @@
 //! - W2: `hook_resid_pre`, all layers x `positions each`, same prompts.
 //!
 //! Run: `cargo bench --bench patching` (or `-- w1` / `-- w2` for one; `-- prompts=16` for a
-//! quicker, smaller run). Reports wall time,
+//! quicker, smaller run; `-- device=cuda` on a GPU with the onnxruntime-gpu build). Reports wall time,
 //! patched passes per second and useful GFLOP/s: the FLOPs of the fast path's own work
 //! (passes that change something, from their first patched layer, last-position unembedding),
 //! divided by each executor's time. Compare with `benches/matmul_ceiling.py`.
@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
     let c = model.manifest.config.clone();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let prompts = args.iter().find_map(|a| a.strip_prefix("prompts=")).unwrap_or("48");
+    let device = args.iter().find_map(|a| a.strip_prefix("device=")).unwrap_or("cpu");
     let only: Vec<&String> = args.iter().filter(|a| !a.contains('=')).collect();
     let tmp = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
@@ -60,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let file = tmp.join(format!("{name}.bay"));
         let ioi = IOI.replace("PROMPTS", prompts);
         std::fs::write(&file, format!("model \"{}\"\n{ioi}{patch}\n", model.path.display()))?;
-        let exp = patchbay::check::check_file(&file, None)
+        let exp = patchbay::check::check_file(&file, Some(device))
             .map_err(|d| anyhow::anyhow!("{}", d.iter().map(|d| d.render_terminal()).collect::<String>()))?;
         let len = exp.datasets[0].prompts[0].ids.len();
         let mut results = vec![];
@@ -75,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             * (fast.work.layer_tokens as f64 * layer_macs(&c, len)
                 + fast.work.passes as f64 * (c.d_model * c.vocab_size) as f64);
         let planned = fast.plan.counts.patched_runs;
-        println!("{name}: {planned} patched (prompt, component) pairs, {len} tokens per prompt");
+        println!("{name} on {device}: {planned} patched (prompt, component) pairs, {len} tokens per prompt");
         for (executor, seconds, outcome) in &results {
             println!(
                 "  {:<14} {:>8.1} s  {:>7} passes  {:>8.1} pairs/s  {:>6.1} useful GFLOP/s",

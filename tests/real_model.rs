@@ -67,6 +67,18 @@ fn predict_cli_csv() {
 /// reference executor, and denoising the whole first residual stream restores the clean run.
 #[test]
 fn smollm2_patching_fast_path_matches_reference() {
+    fast_path_on_matches_cpu_reference("cpu");
+}
+
+/// The same on the GPU: `--device cuda` agrees with the CPU reference executor. Needs a CUDA GPU
+/// and the onnxruntime-gpu build (ORT_DYLIB_PATH); `cargo test --test real_model -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA GPU and the onnxruntime-gpu build"]
+fn smollm2_patching_on_cuda_matches_cpu_reference() {
+    fast_path_on_matches_cpu_reference("cuda");
+}
+
+fn fast_path_on_matches_cpu_reference(device: &str) {
     runtime::ensure(true).unwrap();
     let model = setup::ensure_demo_model(true).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -98,10 +110,12 @@ sweep {{ direction: [denoise, noise] }}
         ),
     )
     .unwrap();
-    let exp = patchbay::check::check_file(&file, None).unwrap();
-    let run =
-        |executor| patchbay::run::run(&exp, &patchbay::run::RunOptions { executor, ..Default::default() }).unwrap();
-    let (fast, reference) = (run(patchbay::run::Executor::Fast), run(patchbay::run::Executor::Reference));
+    let run = |executor, device| {
+        let exp = patchbay::check::check_file(&file, Some(device)).unwrap();
+        patchbay::run::run(&exp, &patchbay::run::RunOptions { executor, ..Default::default() }).unwrap()
+    };
+    let fast = run(patchbay::run::Executor::Fast, device);
+    let reference = run(patchbay::run::Executor::Reference, "cpu");
     assert_eq!(fast.rows.len(), reference.rows.len());
     for (a, b) in fast.rows.iter().zip(&reference.rows) {
         for (x, y) in a.cells.iter().zip(&b.cells) {

@@ -38,7 +38,11 @@ fn runtime() {
 }
 
 fn run_file(file: &Path, executor: Executor) -> run::Outcome {
-    let exp = patchbay::check::check_file(file, None)
+    run_file_on(file, executor, "cpu")
+}
+
+fn run_file_on(file: &Path, executor: Executor, device: &str) -> run::Outcome {
+    let exp = patchbay::check::check_file(file, Some(device))
         .unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| d.render_terminal()).collect::<Vec<_>>()));
     run::run(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap()
 }
@@ -114,6 +118,21 @@ fn fast_path_matches_reference_executor() {
         let peer = run_file(&file, Executor::PerComponent);
         assert_eq!(peer.work, reference.work);
         assert_rows_close(&peer.rows, &reference.rows);
+    }
+}
+
+/// `--device cuda` runs the same plan on the GPU and agrees with the CPU reference executor.
+/// Needs a CUDA GPU and the onnxruntime-gpu build (ORT_DYLIB_PATH);
+/// `cargo test --test run_engine -- --ignored`.
+#[test]
+#[ignore = "needs a CUDA GPU and the onnxruntime-gpu build"]
+fn cuda_fast_path_matches_cpu_reference() {
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = setup(tmp.path(), arch, ALL_KINDS);
+        let cuda = run_file_on(&file, Executor::Fast, "cuda");
+        assert_eq!(cuda.plan.device.name(), "cuda");
+        assert_rows_close(&cuda.rows, &run_file(&file, Executor::Reference).rows);
     }
 }
 

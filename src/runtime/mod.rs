@@ -192,8 +192,10 @@ fn with_cuda(
             rt.library.display()
         );
     }
+    // TF32 matrix products (ONNX Runtime's default on Ampere and later) keep 10 mantissa bits:
+    // effects would differ from the CPU's in the third digit. Measurements stay in fp32.
     builder
-        .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        .with_execution_providers([ort::ep::CUDA::default().with_tf32(false).build().error_on_failure()])
         .map_err(|e| anyhow::anyhow!("--device cuda: cannot start the CUDA execution provider: {e}\n  help: check the CUDA driver and libraries (`patchbay doctor`), or run with --device cpu"))
 }
 
