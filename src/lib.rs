@@ -16,4 +16,5 @@ pub mod run;
 pub mod runtime;
 pub mod setup;
 pub mod syntax;
-pub mod synth;
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_support;

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use patchbay::import::quant::GgmlType;
-use patchbay::import::{self, gguf, gguf::GgufTypes, ImportOptions, Outcome};
+use patchbay::import::{self, gguf, ImportOptions, Outcome};
 use patchbay::model::{Architecture, Manifest};
-use patchbay::synth::{self, WeightDtype};
+use patchbay::test_support::gguf_writer::{self, GgufTensorData, GgufTypes};
+use patchbay::test_support::synth::{self, WeightDtype};
 
 fn import_to(source: &Path, out: &Path, force: bool) -> anyhow::Result<Outcome> {
     import::import(&ImportOptions { source: source.into(), out: out.into(), force, quiet: true })
@@ -266,20 +267,20 @@ fn bos_flag_disagreeing_with_the_tokenizer_is_refused() {
 fn rewrite_gguf(
     from: &Path,
     to: &Path,
-    edit: impl FnOnce(&mut Vec<(String, gguf::MetaValue)>, &mut Vec<gguf::GgufTensorData>),
+    edit: impl FnOnce(&mut Vec<(String, gguf::MetaValue)>, &mut Vec<GgufTensorData>),
 ) {
     let file = gguf::GgufFile::open(from).unwrap();
     let mut meta = file.metadata().to_vec();
-    let mut tensors: Vec<gguf::GgufTensorData> = file
+    let mut tensors: Vec<GgufTensorData> = file
         .tensors()
         .iter()
         .map(|t| {
             let data = file.read_tensor(&t.name).unwrap().unwrap();
-            gguf::GgufTensorData::encode(&t.name, &data, GgmlType::F32).unwrap()
+            GgufTensorData::encode(&t.name, &data, GgmlType::F32).unwrap()
         })
         .collect();
     edit(&mut meta, &mut tensors);
-    gguf::write_gguf(to, &meta, &tensors).unwrap();
+    gguf_writer::write_gguf(to, &meta, &tensors).unwrap();
 }
 
 fn fixture_gguf(case: &str) -> PathBuf {
@@ -315,8 +316,8 @@ fn gguf_tensors_the_architecture_does_not_use_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("edited.gguf");
     rewrite_gguf(&fixture_gguf("llama_v5_rope500k_f32"), &path, |_, tensors| {
-        let extra = patchbay::import::checkpoint::Tensor::new(vec![32], vec![0.5; 32]);
-        tensors.push(gguf::GgufTensorData::encode("blk.0.attn_q_norm.weight", &extra, GgmlType::F32).unwrap());
+        let extra = patchbay::model::checkpoint::Tensor::new(vec![32], vec![0.5; 32]);
+        tensors.push(GgufTensorData::encode("blk.0.attn_q_norm.weight", &extra, GgmlType::F32).unwrap());
     });
     assert_fails_cleanly(&path, &["1 tensor(s)", "`blk.0.attn_q_norm.weight`"]);
 }
@@ -328,8 +329,8 @@ fn gguf_rope_freqs_of_the_wrong_size_is_refused() {
     let path = tmp.path().join("edited.gguf");
     rewrite_gguf(&fixture_gguf("llama_v5_llama3_f32"), &path, |_, tensors| {
         let t = tensors.iter_mut().find(|t| t.name == "rope_freqs.weight").expect("llama3 fixture has rope_freqs");
-        let short = patchbay::import::checkpoint::Tensor::new(vec![4], vec![1.0; 4]);
-        *t = gguf::GgufTensorData::encode("rope_freqs.weight", &short, GgmlType::F32).unwrap();
+        let short = patchbay::model::checkpoint::Tensor::new(vec![4], vec![1.0; 4]);
+        *t = GgufTensorData::encode("rope_freqs.weight", &short, GgmlType::F32).unwrap();
     });
     assert_fails_cleanly(&path, &["rope_freqs.weight has 4 factors", "8 frequencies"]);
 }

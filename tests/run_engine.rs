@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use patchbay::import::{self, ImportOptions};
 use patchbay::model::Architecture;
 use patchbay::run::{self, results::Row, Executor, RunOptions};
-use patchbay::synth::{self, WeightDtype};
+use patchbay::test_support::synth::{self, WeightDtype};
 
 /// A tiny model of `arch` imported into `<dir>/model`, and an experiment file using it.
 fn setup(dir: &Path, arch: Architecture, body: &str) -> PathBuf {

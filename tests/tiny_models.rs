@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
-use patchbay::import::{self, checkpoint::Checkpoint, checkpoint::Tensor, gguf, ImportOptions};
+use patchbay::import::{self, gguf, ImportOptions};
+use patchbay::model::checkpoint::{Checkpoint, Tensor};
 use patchbay::model::{reference, Architecture, ModelDir};
 use patchbay::onnx::surgery;
 use patchbay::runtime::{self, Batch, Device};
-use patchbay::synth::{self, SynthModel, WeightDtype};
+use patchbay::test_support::gguf_writer::GgufTypes;
+use patchbay::test_support::synth::{self, SynthModel, WeightDtype};
 
 const PROMPT: &str = "When Mary and John went to the store , John gave a drink to";
 
@@ -88,7 +90,7 @@ fn llama_and_gpt2_from_exact_gguf_match_reference() {
         let tmp = tempfile::tempdir().unwrap();
         let model = synth::tiny(arch, seed);
         let file = tmp.path().join("tiny.gguf");
-        model.write_gguf(&file, gguf::GgufTypes::EXACT).unwrap();
+        model.write_gguf(&file, GgufTypes::EXACT).unwrap();
         let dir = import_dir(&file, &tmp.path().join("model"));
         assert_matches_reference(&model, &dir);
     }
@@ -102,7 +104,7 @@ fn quantised_gguf_matches_reference_on_dequantised_weights() {
         let tmp = tempfile::tempdir().unwrap();
         let model = synth::tiny(arch, seed);
         let file = tmp.path().join("tiny.gguf");
-        model.write_gguf(&file, gguf::GgufTypes::default()).unwrap();
+        model.write_gguf(&file, GgufTypes::default()).unwrap();
         let dir = import_dir(&file, &tmp.path().join("model"));
         let weights = gguf::GgufCheckpoint::open(&file).unwrap();
         assert_graph_matches(&model, &weights, &dir);

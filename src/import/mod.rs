@@ -3,10 +3,7 @@
 //! The directory is written to a staging folder beside the target and moved into place only
 //! when complete, so a failed import leaves nothing behind and never damages an existing model.
 
-pub mod checkpoint;
 pub mod gguf;
-pub mod gguf_config;
-pub mod gguf_tokenizer;
 pub mod hf_config;
 pub mod hf_tokenizer;
 pub mod quant;
@@ -20,9 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
+use crate::model::checkpoint::Checkpoint;
 use crate::model::{Manifest, Source, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_DATA_FILE, ONNX_FILE, TOKENIZER_FILE};
 use crate::onnx;
-use checkpoint::Checkpoint;
 
 pub struct ImportOptions {
     /// A `.gguf` file or a Hugging Face checkpoint folder.

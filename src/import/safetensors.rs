@@ -14,8 +14,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
 
-use crate::import::checkpoint::{Checkpoint, Tensor};
 use crate::import::hf_config::parse_config;
+use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::{Architecture, ModelConfig, TOKENIZER_FILE};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -46,7 +46,7 @@ struct SafetensorsFile {
 
 /// One tensor's header entry, already validated against the file.
 #[derive(Debug, Clone)]
-struct Entry {
+pub struct Entry {
     dtype: String,
     shape: Vec<usize>,
     /// Byte range within the data section.
@@ -381,7 +381,7 @@ fn dtype_size(dtype: &str) -> Option<usize> {
 
 /// Parse and validate a safetensors header: returns where the data section starts and the entries.
 /// Errors name the tensor; the caller adds the file.
-fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
+pub fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<(String, Entry)>)> {
     if bytes.len() < 8 {
         bail!("file is {} bytes long, too short for the 8-byte header length", bytes.len());
     }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 
-use crate::import::checkpoint::{optional, required, Checkpoint, Tensor};
+use crate::model::checkpoint::{optional, required, Checkpoint, Tensor};
 use crate::model::{Architecture, ModelConfig};
 
 #[cfg(doc)]
@@ -315,7 +315,7 @@ fn gelu_new(x: f32) -> f32 {
 mod tests {
     use super::*;
     use crate::model::{Dim, Manifest};
-    use crate::synth::{tiny, SynthModel};
+    use crate::test_support::synth::{tiny, SynthModel};
 
     const ARCHS: [Architecture; 2] = [Architecture::Llama, Architecture::Gpt2];
     const PROMPT: &str = "When Mary and John went to the store , John gave a drink to";

@@ -14,7 +14,7 @@ use indicatif::ProgressBar;
 
 use super::proto::{data_type, ModelProto, OperatorSetIdProto};
 use super::writer::{attr_float, attr_int, attr_ints, value_info, ExternalData, Graph};
-use crate::import::checkpoint::{optional, required, Checkpoint, Tensor};
+use crate::model::checkpoint::{optional, required, Checkpoint, Tensor};
 use crate::model::{Architecture, Dim, Manifest, ModelConfig};
 
 pub const INPUTS: [&str; 3] = ["input_ids", "position_ids", "attention_mask"];

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Result};
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 
-use crate::import::checkpoint::Tensor;
+use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
 use crate::run::graph;
 use crate::runtime::{self, Batch, Device};

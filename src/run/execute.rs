@@ -15,7 +15,7 @@ use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
 use crate::check::types::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
-use crate::import::checkpoint::Tensor;
+use crate::model::checkpoint::Tensor;
 use crate::model::Dim;
 use crate::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::run::engine::{concrete, Engine, HookPatch, Output, Pass};

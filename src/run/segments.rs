@@ -14,7 +14,7 @@ use anyhow::{anyhow, Result};
 use ort::session::Session;
 use ort::value::Tensor as OrtTensor;
 
-use crate::import::checkpoint::Tensor;
+use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
 use crate::onnx::proto::{data_type, GraphProto, ModelProto};
 use crate::run::engine::{align_right, concrete, crop_right, HookPatch, Output};

@@ -260,7 +260,7 @@ pub fn run(
     session: &mut Session,
     batch: &Batch,
     outputs: &[&str],
-) -> anyhow::Result<Vec<crate::import::checkpoint::Tensor>> {
+) -> anyhow::Result<Vec<crate::model::checkpoint::Tensor>> {
     use ort::value::Tensor as OrtTensor;
     let shape = vec![batch.batch as i64, batch.pos as i64];
     let input = |data: &Vec<i64>| OrtTensor::from_array((shape.clone(), data.clone()));
@@ -276,7 +276,7 @@ pub fn run(
             let value = result.get(name).ok_or_else(|| anyhow::anyhow!("the graph has no output `{name}`"))?;
             let (shape, data) =
                 value.try_extract_tensor::<f32>().map_err(|e| anyhow::anyhow!("output `{name}`: {e}"))?;
-            Ok(crate::import::checkpoint::Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+            Ok(crate::model::checkpoint::Tensor::new(shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
         })
         .collect()
 }

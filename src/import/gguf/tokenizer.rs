@@ -12,7 +12,7 @@
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
-use crate::import::gguf::{GgufFile, MetaValue};
+use super::{GgufFile, MetaValue};
 
 /// Our marker for word-level vocabularies (not a llama.cpp tokenizer model).
 pub const WORD_LEVEL_MODEL: &str = "patchbay-word";
@@ -219,7 +219,7 @@ fn word_level(file: &GgufFile) -> Result<Value> {
 }
 
 /// Tokenizer metadata for a word-level vocabulary (token strings by id), as
-/// [`crate::import::gguf::canonical_to_gguf`] writes it. The vocabulary must contain `<unk>`.
+/// [`crate::test_support::gguf_writer::canonical_to_gguf`] writes it. The vocabulary must contain `<unk>`.
 /// All tokens are plain words, so the tokenizer equals the one `synth` writes for Hugging Face
 /// folders (WordLevel, Whitespace, no added tokens).
 pub fn word_level_metadata(vocab: &[String]) -> Result<Vec<(String, MetaValue)>> {
@@ -256,7 +256,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::import::gguf::write_gguf;
+    use crate::test_support::gguf_writer::write_gguf;
 
     fn gguf_with(meta: Vec<(String, MetaValue)>) -> (tempfile::TempDir, GgufFile) {
         let dir = tempfile::tempdir().unwrap();

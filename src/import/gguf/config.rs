@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::import::gguf::GgufFile;
+use super::GgufFile;
 use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, ModelConfig};
 

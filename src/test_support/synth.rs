@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 
-use crate::import::checkpoint::{Checkpoint, Tensor};
+use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::{Architecture, ModelConfig, TOKENIZER_FILE};
 
 /// Words of the synthetic vocabulary; index = token id. Each is a single whitespace-pre-tokenizer
@@ -77,7 +77,7 @@ pub const VOCAB: &[&str] = &[
     "located",
 ];
 
-/// An in-memory model with canonical tensor names (see [`crate::import::checkpoint`]).
+/// An in-memory model with canonical tensor names (see [`crate::model::checkpoint`]).
 #[derive(Debug, Clone)]
 pub struct SynthModel {
     pub config: ModelConfig,
@@ -249,8 +249,8 @@ impl SynthModel {
 
     /// Write a GGUF file (word-level vocabulary) that `GgufCheckpoint` reads back; with
     /// `GgufTypes::EXACT` every tensor round-trips bit for bit.
-    pub fn write_gguf(&self, path: &Path, types: crate::import::gguf::GgufTypes) -> Result<()> {
-        crate::import::gguf::canonical_to_gguf(path, &self.config, &self.tensors, &self.vocab, &[], types)
+    pub fn write_gguf(&self, path: &Path, types: crate::test_support::gguf_writer::GgufTypes) -> Result<()> {
+        crate::test_support::gguf_writer::canonical_to_gguf(path, &self.config, &self.tensors, &self.vocab, &[], types)
     }
 
     fn llama_hf_tensors(&self) -> Vec<(String, Tensor)> {
@@ -392,10 +392,9 @@ mod tests {
         for arch in [Architecture::Llama, Architecture::Gpt2] {
             let m = tiny(arch, 0);
             let c = &m.config;
-            let w_u = crate::import::checkpoint::required(&m, "unembed.W_U", &[c.vocab_size, c.d_model]).unwrap();
+            let w_u = crate::model::checkpoint::required(&m, "unembed.W_U", &[c.vocab_size, c.d_model]).unwrap();
             assert_eq!(w_u == m.tensors["embed.W_E"], c.tied_embeddings);
-            crate::import::checkpoint::required(&m, "blocks.1.attn.W_K", &[c.n_kv_heads * c.d_head, c.d_model])
-                .unwrap();
+            crate::model::checkpoint::required(&m, "blocks.1.attn.W_K", &[c.n_kv_heads * c.d_head, c.d_model]).unwrap();
         }
     }
 
