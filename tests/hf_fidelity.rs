@@ -111,3 +111,32 @@ fn transformers5_rope_parameters_regression() {
     let failures = check_import(&case, &expected(&case), "llama_v5_rope500k_f32");
     assert!(failures.is_empty(), "{failures:?}");
 }
+
+/// One tokenisation rule everywhere: for a model whose tokenizer prepends BOS, `predict` and
+/// `check` (and so `plan` and `run`, which take check's ids) give transformers' ids, BOS included.
+#[test]
+fn predict_and_check_tokenise_like_transformers() {
+    runtime::ensure(true).unwrap();
+    let case = cases().into_iter().find(|c| c.ends_with("llama_v5_tied_mha_bos_f32")).unwrap();
+    let expected = expected(&case);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("model");
+    import::import(&ImportOptions { source: case, out: out.clone(), force: false, quiet: true }).unwrap();
+    let (prompt, ids) = (&expected.prompts[0], &expected.input_ids[0]);
+    assert_eq!(ids[0], 0, "the fixture's tokenizer adds BOS");
+    let dir = ModelDir::open(&out).unwrap();
+    let predicted = patchbay::predict::predict(&dir, prompt, 1, Device::Cpu).unwrap();
+    assert_eq!(&predicted.tokens, ids);
+    let file = tmp.path().join("exp.bay");
+    std::fs::write(
+        &file,
+        format!(
+            "model \"model\"\ndataset d {{\n  template \"{}{{X}}\"\n  slot X from [\" to\"]\n  answer \" Mary\"\n}}\ncorruption n = noise on X\npatch r = hook_resid_pre\nmetric p = prob\n",
+            prompt.strip_suffix(" to").unwrap()
+        ),
+    )
+    .unwrap();
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let checked: Vec<u32> = exp.datasets[0].prompts[0].ids.iter().map(|&i| i as u32).collect();
+    assert_eq!(&checked, ids);
+}

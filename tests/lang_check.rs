@@ -4,6 +4,8 @@
 #[path = "support/lang_fixture.rs"]
 mod fixture;
 
+use std::path::Path;
+
 use patchbay::check;
 
 /// Check `src` in a fresh workspace; render every diagnostic.
@@ -460,4 +462,109 @@ fn broken_pool_no_cascade() {
     assert!(out.contains("cannot read `missing.txt`"), "{out}");
     assert!(!out.contains("unknown pool"), "{out}");
     assert!(!out.contains("no values to draw from"), "{out}");
+}
+
+/// A slot whose value covers no token is an error naming the prompt, never a prompt (or a whole
+/// file dataset) dropped silently. The fixture tokenizer drops whitespace, so `" "` covers none.
+#[test]
+fn slot_covering_no_token() {
+    let file = diagnose(
+        r#"model "tiny"
+dataset facts from "facts.csv" { prompt: prompt  answer: target  slot gap: gap }
+corruption n = noise on gap
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[("facts.csv", "prompt,gap,target\nThe capital of France is,\" \",Paris\n")],
+    );
+    assert!(file.contains("patchbay::slot_without_tokens"), "{file}");
+    assert!(file.contains("row 1: slot `gap` (value ` `) covers no token"), "{file}");
+    let template = diagnose(
+        r#"model "tiny"
+dataset d {
+  template "Then{A} said{B}"
+  slot A from [" Mary"]
+  slot B from [" "]
+  answer " Mary"
+}
+corruption n = noise on A
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[],
+    );
+    assert!(template.contains("prompt 0: slot `B` (value ` `) covers no token"), "{template}");
+}
+
+/// An empty token set names the prompt it is empty for (not which answer it is).
+#[test]
+fn empty_token_set_names_the_prompt() {
+    let out = diagnose(
+        r#"model "tiny"
+pool years = [" 1", " 2", " 3"]
+dataset d {
+  template "The war lasted from year{Y} to"
+  slot Y from [" 3"]
+  answer Y
+  wrong set years where > Y
+}
+corruption n = noise on Y
+patch r = hook_resid_pre
+metric p = prob
+"#,
+        &[],
+    );
+    assert!(out.contains("the token set is empty for prompt 0 (no value >  3)"), "{out}");
+}
+
+/// A hand-edited manifest (a short hash, a hook with zero heads) is a clear error, not a panic.
+#[test]
+fn damaged_manifest_is_a_clear_error() {
+    let edits: [(&str, &dyn Fn(&mut serde_json::Value)); 2] = [
+        ("source.sha256 `abc` is not 64 hexadecimal digits", &|m| m["source"]["sha256"] = "abc".into()),
+        ("hook `blocks.0.attn.hook_z` has a dimension of size 0", &|m| {
+            m["hooks"]["blocks.0.attn.hook_z"]["shape"][2] = 0.into()
+        }),
+    ];
+    for (expected, edit) in edits {
+        let ws = fixture::workspace();
+        let path = ws.path().join("tiny/patchbay.json");
+        let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut manifest);
+        std::fs::write(&path, manifest.to_string()).unwrap();
+        let exp =
+            fixture::write(ws.path(), "exp.bay", &with_head("patch h = attn.hook_z heads all\nmetric p = prob\n"));
+        let out = match check::check_file(&exp, None) {
+            Ok(_) => "ok".to_string(),
+            Err(d) => d.iter().map(|d| d.render_plain()).collect(),
+        };
+        // The renderer wraps long messages: compare words.
+        let words = out.split_whitespace().filter(|w| *w != "|").collect::<Vec<_>>().join(" ");
+        assert!(words.contains("is damaged") && words.contains(expected), "{out}");
+    }
+}
+
+/// Every file the language reads must be a regular file of bounded size: `include "/dev/zero"`
+/// used to read forever and exhaust memory.
+#[test]
+fn special_and_huge_files_are_refused() {
+    let ws = fixture::workspace();
+    let huge = ws.path().join("huge.txt");
+    let file = std::fs::File::create(&huge).unwrap();
+    file.set_len(patchbay::syntax::files::MAX_INPUT_BYTES + 1).unwrap();
+    for (statement, expected) in [
+        ("include \"/dev/zero\"", "is not a regular file"),
+        ("pool p from \"/dev/zero\"", "is not a regular file"),
+        ("dataset z from \"/dev/zero\" { prompt: p  answer: a }", "is not a regular file"),
+        ("pool p from \"huge.txt\"", "is larger than 64 MiB"),
+    ] {
+        let path = fixture::write(ws.path(), "exp.bay", &format!("{}{statement}\n", with_head("metric p = prob\n")));
+        let out = match check::check_file(&path, None) {
+            Ok(_) => "ok".to_string(),
+            Err(d) => d.iter().map(|d| d.render_plain()).collect(),
+        };
+        assert!(out.contains(expected), "{statement}: {out}");
+    }
+    let out = patchbay::syntax::parse_file(Path::new("/dev/zero")).unwrap_err();
+    assert!(out[0].render_plain().contains("is not a regular file"));
 }

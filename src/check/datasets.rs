@@ -31,7 +31,7 @@ pub fn load_pool(pool: &ast::Pool, errors: &mut Vec<Diagnostic>) -> Option<PoolV
         }
         PoolSource::File(f) => {
             let path = f.span.file.dir().join(&f.node);
-            match std::fs::read_to_string(&path) {
+            match crate::syntax::files::read_text(&path) {
                 Ok(text) => {
                     let values: Vec<String> = text
                         .lines()
@@ -100,6 +100,10 @@ pub fn missing_file(f: &Spanned<String>, path: &Path, e: std::io::Error) -> Diag
 pub fn read_help(path: &Path, e: &std::io::Error) -> String {
     if path.is_dir() {
         format!("{} is a folder; name a file", path.display())
+    } else if e.kind() == std::io::ErrorKind::InvalidInput {
+        format!("{} is not a regular file; name a text file", path.display())
+    } else if e.kind() == std::io::ErrorKind::FileTooLarge {
+        format!("split {} into smaller files, or use its first rows (`count N`)", path.display())
     } else if e.kind() == std::io::ErrorKind::InvalidData {
         format!("{} is not UTF-8 text; save it as UTF-8", path.display())
     } else {
@@ -161,7 +165,9 @@ fn resolve_answer(
     spec: &Spanned<AnswerSpec>,
     values: &BTreeMap<String, String>,
     sets: &BTreeMap<usize, PoolValues>,
-    idx: usize,
+    // 0 for the answer, 1 for the wrong answer: which of `sets` is this spec's.
+    which: usize,
+    prompt: usize,
     tok: &Tok,
     errors: &mut Vec<Diagnostic>,
 ) -> Option<Answer> {
@@ -192,7 +198,7 @@ fn resolve_answer(
             single(v, &slot.span, errors)
         }
         AnswerSpec::Set { pool, filter } => {
-            let pool_values = sets.get(&idx).map(|p| p.values.clone()).unwrap_or_default();
+            let pool_values = sets.get(&which).map(|p| p.values.clone()).unwrap_or_default();
             let mut out = Vec::new();
             for v in &pool_values {
                 if let Some((op, slot)) = filter {
@@ -240,7 +246,7 @@ fn resolve_answer(
                 errors.push(
                     Diagnostic::error(
                         "patchbay::empty_token_set",
-                        format!("the token set is empty for prompt {idx}{detail}"),
+                        format!("the token set is empty for prompt {prompt}{detail}"),
                         &spec.span,
                         "empty token set",
                     )
@@ -651,10 +657,16 @@ fn build_template_dataset(
                 values.insert(n.clone(), v);
             }
         }
-        let prompt = render(&parts, &values, tok);
-        let Some((text, enc, spans)) = prompt else { continue };
-        let ans = answer.and_then(|a| resolve_answer(a, &values, &set_pools, 0, tok, errors));
-        let wr = wrong.and_then(|a| resolve_answer(a, &values, &set_pools, 1, tok, errors));
+        let (text, enc, spans) = match render(&parts, &values, tok) {
+            Ok(rendered) => rendered,
+            Err((slot, text)) => {
+                let value = values.get(&slot).map(String::as_str).unwrap_or_default();
+                errors.push(slot_without_tokens(&slot, value, &text, &format!("prompt {idx}"), &template.span));
+                return None;
+            }
+        };
+        let ans = answer.and_then(|a| resolve_answer(a, &values, &set_pools, 0, idx, tok, errors));
+        let wr = wrong.and_then(|a| resolve_answer(a, &values, &set_pools, 1, idx, tok, errors));
         if errors.len() > n_errors {
             return None;
         }
@@ -713,12 +725,13 @@ fn render(
     parts: &[(bool, String, std::ops::Range<usize>)],
     values: &BTreeMap<String, String>,
     tok: &Tok,
-) -> Option<Rendered> {
+) -> Result<Rendered, (String, String)> {
     let mut text = String::new();
     let mut ranges = BTreeMap::new();
     for (is_slot, name, _) in parts {
         if *is_slot {
-            let v = values.get(name)?;
+            // Every slot of the template has a value by now (checked before generating).
+            let v = values.get(name).map(String::as_str).unwrap_or_default();
             let start = text.len();
             text.push_str(v);
             ranges.insert(name.clone(), (start, text.len()));
@@ -729,10 +742,22 @@ fn render(
     let enc = tok.encode(&text);
     let mut spans = BTreeMap::new();
     for (name, (s, e)) in ranges {
-        let (a, b) = token_span(&enc.offsets, s, e)?;
+        let Some((a, b)) = token_span(&enc.offsets, s, e) else { return Err((name, text)) };
         spans.insert(name, (a, b, s, e));
     }
-    Some((text, enc, spans))
+    Ok((text, enc, spans))
+}
+
+/// A slot whose value covers no token: it could be neither patched nor corrupted, so the prompt
+/// would have to be dropped, and a dataset never loses prompts silently.
+fn slot_without_tokens(slot: &str, value: &str, prompt: &str, which: &str, span: &Span) -> Diagnostic {
+    Diagnostic::error(
+        "patchbay::slot_without_tokens",
+        format!("{which}: slot `{slot}` (value `{value}`) covers no token of the prompt `{prompt}`"),
+        span,
+        "this slot",
+    )
+    .help("give the slot a non-empty value that the tokenizer maps to at least one token")
 }
 
 pub fn slot_not_in_template<'a>(name: &str, span: &Span, slots: impl IntoIterator<Item = &'a str>) -> Diagnostic {
@@ -760,7 +785,7 @@ fn build_file_dataset(
     let path = f.span.file.dir().join(&f.node);
     let rows: Vec<BTreeMap<String, String>>;
     let headers: Vec<String>;
-    let text = match std::fs::read_to_string(&path) {
+    let text = match crate::syntax::files::read_text(&path) {
         Ok(t) => t,
         Err(e) => {
             errors.push(missing_file(f, &path, e));
@@ -994,13 +1019,16 @@ fn build_file_dataset(
                         SlotSpan { value: v.clone(), first: a, last: b, start, end: start + v.len() },
                     );
                 }
-                None => return None,
+                None => {
+                    errors.push(slot_without_tokens(&col.node, v, &text, &format!("row {}", i + 1), &col.span));
+                    return None;
+                }
             }
         }
         let ans_spec = |col: &str, span: &Span, errors: &mut Vec<Diagnostic>| {
             let v = row[col].clone();
             let spec = Spanned::new(AnswerSpec::Literal(Spanned::new(v, span.clone())), span.clone());
-            resolve_answer(&spec, &BTreeMap::new(), &BTreeMap::new(), 0, tok, errors)
+            resolve_answer(&spec, &BTreeMap::new(), &BTreeMap::new(), 0, i, tok, errors)
         };
         let answer = ans_spec(&ac.1, &ac.0, errors);
         let wrong = wrong_col.as_ref().and_then(|(sp, c)| ans_spec(c, sp, errors));

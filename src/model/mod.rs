@@ -177,7 +177,53 @@ impl Manifest {
                 manifest.format
             );
         }
+        manifest.validate().map_err(|problem| {
+            anyhow::anyhow!(
+                "{} is damaged: {problem}\n  help: re-import the model with `patchbay import --force`",
+                path.display()
+            )
+        })?;
         Ok(manifest)
+    }
+
+    /// What a hand-edited or damaged manifest can get wrong that would otherwise surface as a
+    /// panic or a wrong number far from its cause.
+    fn validate(&self) -> Result<(), String> {
+        let c = &self.config;
+        let sha = &self.source.sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("source.sha256 `{sha}` is not 64 hexadecimal digits"));
+        }
+        for (key, value) in [
+            ("n_layers", c.n_layers),
+            ("n_heads", c.n_heads),
+            ("n_kv_heads", c.n_kv_heads),
+            ("d_model", c.d_model),
+            ("d_head", c.d_head),
+            ("d_mlp", c.d_mlp),
+        ] {
+            if value == 0 {
+                return Err(format!("config.{key} is 0"));
+            }
+        }
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
+            return Err(format!("config.n_heads {} is not a multiple of n_kv_heads {}", c.n_heads, c.n_kv_heads));
+        }
+        if self.inputs.len() != 3 {
+            return Err(format!(
+                "`inputs` lists {} graph inputs, expected input_ids, position_ids, attention_mask",
+                self.inputs.len()
+            ));
+        }
+        for (name, hook) in &self.hooks {
+            if hook.tensor.is_empty() {
+                return Err(format!("hook `{name}` names no tensor"));
+            }
+            if hook.shape.contains(&Dim::Fixed(0)) {
+                return Err(format!("hook `{name}` has a dimension of size 0 in its shape {:?}", hook.shape));
+            }
+        }
+        Ok(())
     }
 }
 

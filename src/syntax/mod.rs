@@ -8,6 +8,7 @@
 
 pub mod ast;
 pub mod diag;
+pub mod files;
 pub mod parser;
 
 use std::path::{Path, PathBuf};
@@ -24,7 +25,7 @@ pub fn parse(source: &str, path: &Path) -> Result<Ast, Vec<Diagnostic>> {
 
 /// Read and parse the file at `path`.
 pub fn parse_file(path: &Path) -> Result<Ast, Vec<Diagnostic>> {
-    match std::fs::read_to_string(path) {
+    match files::read_text(path) {
         Ok(text) => parse(&text, path),
         Err(e) => Err(vec![Diagnostic::bare("patchbay::io", format!("cannot read {}: {e}", path.display()))
             .help("check the path: experiment files are UTF-8 text, e.g. `patchbay check examples/ioi.bay`")]),
@@ -108,7 +109,7 @@ fn expand(
                     )),
                 );
             } else {
-                match std::fs::read_to_string(&path) {
+                match files::read_text(&path) {
                     Ok(text) => {
                         let inc = SourceFile::new(&path, text);
                         let root_dir = stack[0].0.parent().map(Path::to_path_buf).unwrap_or_default();

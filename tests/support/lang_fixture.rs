@@ -90,7 +90,7 @@ pub fn write_model(dir: &Path, name: &str, mut config: ModelConfig) {
         source: Source {
             path: "fixture".into(),
             format: "fixture".into(),
-            sha256: "0".into(),
+            sha256: "0".repeat(64),
             patchbay_version: "test".into(),
         },
         inputs: vec!["input_ids".into(), "position_ids".into(), "attention_mask".into()],
