@@ -137,6 +137,5 @@ fn predict_and_check_tokenise_like_transformers() {
     )
     .unwrap();
     let exp = patchbay::check::check_file(&file, None).unwrap();
-    let checked: Vec<u32> = exp.datasets[0].prompts[0].ids.iter().map(|&i| i as u32).collect();
-    assert_eq!(&checked, ids);
+    assert_eq!(&exp.datasets[0].prompts[0].ids, ids);
 }
