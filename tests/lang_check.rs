@@ -520,9 +520,10 @@ metric p = prob
 /// A hand-edited manifest (a short hash, a hook with zero heads) is a clear error, not a panic.
 #[test]
 fn damaged_manifest_is_a_clear_error() {
-    let edits: [(&str, &dyn Fn(&mut serde_json::Value)); 2] = [
-        ("source.sha256 `abc` is not 64 hexadecimal digits", &|m| m["source"]["sha256"] = "abc".into()),
-        ("hook `blocks.0.attn.hook_z` has a dimension of size 0", &|m| {
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 2] = [
+        ("source.sha256 `abc` is not 64 hexadecimal digits", |m| m["source"]["sha256"] = "abc".into()),
+        ("hook `blocks.0.attn.hook_z` has a dimension of size 0", |m| {
             m["hooks"]["blocks.0.attn.hook_z"]["shape"][2] = 0.into()
         }),
     ];
