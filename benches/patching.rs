@@ -61,7 +61,7 @@ fn main() -> anyhow::Result<()> {
         let file = tmp.join(format!("{name}.bay"));
         let ioi = IOI.replace("PROMPTS", prompts);
         std::fs::write(&file, format!("model \"{}\"\n{ioi}{patch}\n", model.path.display()))?;
-        let exp = patchbay::check::check_file(&file, Some(device))
+        let exp = patchbay::check::check_file(&file, Some(device.parse().unwrap()))
             .map_err(|d| anyhow::anyhow!("{}", d.iter().map(|d| d.render_terminal()).collect::<String>()))?;
         let len = exp.datasets[0].prompts[0].ids.len();
         let mut results = vec![];

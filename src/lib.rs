@@ -7,7 +7,9 @@
 //! [`model`] (the model-directory contract and a pure-Rust reference forward pass).
 
 pub mod check;
+pub mod diag;
 pub mod import;
+pub mod ir;
 pub mod model;
 pub mod onnx;
 pub mod plan;

@@ -1,10 +1,11 @@
 //! The `patchbay` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use patchbay::ir::experiment::Experiment;
 use patchbay::model::ModelDir;
 use patchbay::runtime::{self, Device};
 use patchbay::{import, predict, setup};
@@ -131,8 +132,19 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        Command::Check { files, device } => patchbay::check::command(&files, device.map(|d| d.to_string()).as_deref()),
-        Command::Plan { file, device } => patchbay::plan::command(&file, device.map(|d| d.to_string()).as_deref()),
+        Command::Check { files, device } => {
+            let mut all_ok = true;
+            for file in &files {
+                match checked(file, device) {
+                    Some(exp) => println!("ok: {} ({})", file.display(), exp_summary(&exp)),
+                    None => all_ok = false,
+                }
+            }
+            Ok(all_ok)
+        }
+        Command::Plan { file, device } => {
+            Ok(checked(&file, device).map(|exp| print!("{}", patchbay::plan::plan(&exp))).is_some())
+        }
         Command::Run { files, device, memory, reference } => {
             on_interrupt_say_how_to_resume();
             let options = patchbay::run::RunOptions {
@@ -169,23 +181,46 @@ fn on_interrupt_say_how_to_resume() {
 fn run_files(files: &[PathBuf], device: Option<Device>, options: &patchbay::run::RunOptions) -> anyhow::Result<bool> {
     let mut all_hold = true;
     for file in files {
-        let exp = match patchbay::check::check_file(file, device.map(|d| d.to_string()).as_deref()) {
-            Ok(exp) => exp,
-            Err(diags) => {
-                for d in &diags {
-                    eprint!("{}", d.render_terminal());
-                }
-                anyhow::bail!("{} has {} error(s)", file.display(), diags.iter().filter(|d| d.is_error()).count());
-            }
+        let Some(exp) = checked(file, device) else {
+            anyhow::bail!("{} does not check; nothing was run", file.display());
         };
-        for w in &exp.warnings {
-            eprint!("{}", w.render_terminal());
-        }
         let outcome = patchbay::run::run(&exp, options)?;
         print!("{}", patchbay::run::summary(&outcome));
         all_hold &= outcome.verdicts.iter().all(|v| v.holds);
     }
     Ok(all_hold)
+}
+
+/// Parse and check one file, printing its diagnostics (warnings too) to stderr; `None` when it
+/// has errors.
+fn checked(file: &Path, device: Option<Device>) -> Option<Experiment> {
+    match patchbay::check::check_file(file, device) {
+        Ok(exp) => {
+            for w in &exp.warnings {
+                eprint!("{}", w.render_terminal());
+            }
+            Some(exp)
+        }
+        Err(diags) => {
+            for d in &diags {
+                eprint!("{}", d.render_terminal());
+            }
+            eprintln!("error: {} has {} error(s)", file.display(), diags.iter().filter(|d| d.is_error()).count());
+            None
+        }
+    }
+}
+
+fn exp_summary(exp: &Experiment) -> String {
+    let n_prompts: usize = exp.datasets.iter().map(|d| d.prompts.len()).sum();
+    format!(
+        "{} dataset(s), {n_prompts} prompt(s), {} corruption(s), {} patch target(s), {} metric(s), {} expectation(s)",
+        exp.datasets.len(),
+        exp.corruptions.len(),
+        exp.patches.len(),
+        exp.metrics.len(),
+        exp.expectations.len()
+    )
 }
 
 fn print_table(prompt: &str, prediction: &predict::Prediction) {
@@ -228,7 +263,7 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     std::fs::create_dir_all(file.parent().expect("has a parent"))?;
     std::fs::write(&file, DEMO_EXPERIMENT.replace("include \"shared/names.bay\"", DEMO_NAMES))?;
     println!("\nrunning the demo experiment (examples/demo.bay: an IOI head sweep, 8 prompts x 270 heads)");
-    let exp = patchbay::check::check_file(&file, Some(device.to_string().as_str())).map_err(|d| {
+    let exp = patchbay::check::check_file(&file, Some(device)).map_err(|d| {
         anyhow::anyhow!(
             "the demo experiment does not check: {}",
             d.iter().map(|d| d.render_plain()).collect::<String>()

@@ -110,8 +110,8 @@ sweep {{ direction: [denoise, noise] }}
         ),
     )
     .unwrap();
-    let run = |executor, device| {
-        let exp = patchbay::check::check_file(&file, Some(device)).unwrap();
+    let run = |executor, device: &str| {
+        let exp = patchbay::check::check_file(&file, Some(device.parse().unwrap())).unwrap();
         patchbay::run::run(&exp, &patchbay::run::RunOptions { executor, ..Default::default() }).unwrap()
     };
     let fast = run(patchbay::run::Executor::Fast, device);

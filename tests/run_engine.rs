@@ -42,7 +42,7 @@ fn run_file(file: &Path, executor: Executor) -> run::Outcome {
 }
 
 fn run_file_on(file: &Path, executor: Executor, device: &str) -> run::Outcome {
-    let exp = patchbay::check::check_file(file, Some(device))
+    let exp = patchbay::check::check_file(file, Some(device.parse().unwrap()))
         .unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| d.render_terminal()).collect::<Vec<_>>()));
     run::run(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap()
 }
@@ -272,7 +272,7 @@ sweep { direction: [denoise, noise] }
             let run = variant.patches.iter().find(|p| p.target == row.target && p.label == row.component).unwrap();
             for (p, prompt) in variant.prompts.iter().enumerate() {
                 let corrupted = match &prompt.corrupted {
-                    patchbay::check::types::CorruptedPrompt::Tokens { ids, .. } => ids.clone(),
+                    patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. } => ids.clone(),
                     other => panic!("{other:?}"),
                 };
                 let (source_ids, base_ids) = match variant.direction.name() {

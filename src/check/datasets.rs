@@ -8,9 +8,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::tok::Tok;
-use super::types::*;
+use crate::diag::{did_you_mean, Diagnostic, Span};
+use crate::ir::experiment::*;
 use crate::syntax::ast::{self, AnswerSpec, ColumnRole, DatasetItem, PoolRef, PoolSource, Spanned};
-use crate::syntax::diag::{did_you_mean, Diagnostic, Span};
 
 /// A pool's values and where it was defined.
 #[derive(Clone)]
@@ -215,7 +215,7 @@ fn resolve_answer(
                         );
                         return None;
                     };
-                    if !op.node.holds(a, b) {
+                    if !CmpOp::from(op.node).holds(a, b) {
                         continue;
                     }
                 }
@@ -241,7 +241,9 @@ fn resolve_answer(
             if out.is_empty() {
                 let detail = filter
                     .as_ref()
-                    .and_then(|(op, s)| values.get(&s.node).map(|v| format!(" (no value {} {v})", op.node.symbol())))
+                    .and_then(|(op, s)| {
+                        values.get(&s.node).map(|v| format!(" (no value {} {v})", CmpOp::from(op.node).symbol()))
+                    })
                     .unwrap_or_default();
                 errors.push(
                     Diagnostic::error(

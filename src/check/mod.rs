@@ -8,16 +8,15 @@
 pub mod datasets;
 pub mod targets;
 pub mod tok;
-pub mod types;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-pub use types::*;
+use crate::ir::experiment::*;
 
+use crate::diag::{Diagnostic, Span};
 use crate::model::{Manifest, TOKENIZER_FILE};
 use crate::syntax::ast::{self, Ast, Axis, Expect, Ident, Patch, Spanned, StatementKind};
-use crate::syntax::diag::{Diagnostic, Span};
 use datasets::{unknown, PoolValues};
 use tok::Tok;
 
@@ -28,50 +27,15 @@ pub fn duplicate(what: &str, name: &str, span: &Span, prev: &Span) -> Diagnostic
         .help("rename one of them, or delete the repeated definition")
 }
 
-/// `patchbay check FILE...`: parse and check each file, print diagnostics to stderr and a line
-/// per good file; Ok(false) when any file has errors.
-pub fn command(files: &[PathBuf], device_override: Option<&str>) -> anyhow::Result<bool> {
-    let mut all_ok = true;
-    for file in files {
-        match check_file(file, device_override) {
-            Ok(exp) => {
-                for w in &exp.warnings {
-                    eprint!("{}", w.render_terminal());
-                }
-                let n_prompts: usize = exp.datasets.iter().map(|d| d.prompts.len()).sum();
-                println!(
-                    "ok: {} ({} dataset(s), {} prompt(s), {} corruption(s), {} patch target(s), {} metric(s), {} expectation(s))",
-                    file.display(),
-                    exp.datasets.len(),
-                    n_prompts,
-                    exp.corruptions.len(),
-                    exp.patches.len(),
-                    exp.metrics.len(),
-                    exp.expectations.len()
-                );
-            }
-            Err(diags) => {
-                all_ok = false;
-                let n = diags.iter().filter(|d| d.is_error()).count();
-                for d in &diags {
-                    eprint!("{}", d.render_terminal());
-                }
-                eprintln!("error: {} has {n} error(s)", file.display());
-            }
-        }
-    }
-    Ok(all_ok)
-}
-
 /// Read, parse and check one file.
-pub fn check_file(path: &Path, device_override: Option<&str>) -> Result<Experiment, Vec<Diagnostic>> {
+pub fn check_file(path: &Path, device_override: Option<Device>) -> Result<Experiment, Vec<Diagnostic>> {
     let ast = crate::syntax::parse_file(path)?;
     check(&ast, path, device_override)
 }
 
 /// Check a parsed file. `path` is the experiment file (its stem names the experiment, its folder
 /// anchors relative paths).
-pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Experiment, Vec<Diagnostic>> {
+pub fn check(ast: &Ast, path: &Path, device_override: Option<Device>) -> Result<Experiment, Vec<Diagnostic>> {
     let mut errors: Vec<Diagnostic> = Vec::new();
 
     // ---- collect and de-duplicate definitions --------------------------------------------
@@ -188,19 +152,13 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Ex
         Some((reference, device, _)) => {
             let mut dev = Device::Cpu;
             if let Some(d) = device {
-                match Device::parse(&d.node) {
+                match d.node.parse::<Device>().ok() {
                     Some(x) => dev = x,
                     None => errors.push(unknown("device", d, ["cpu", "cuda"]).help("devices are `cpu` and `cuda`")),
                 }
             }
             if let Some(o) = device_override {
-                match Device::parse(o) {
-                    Some(x) => dev = x,
-                    None => errors.push(
-                        Diagnostic::bare("patchbay::device", format!("unknown device `{o}` given by --device"))
-                            .help("devices are `cpu` and `cuda`"),
-                    ),
-                }
+                dev = o;
             }
             let dir = crate::setup::resolve_model(&reference.node, &reference.span.file.dir());
             let help = "run `patchbay demo` to fetch the demo model or `patchbay import ...`";
@@ -537,4 +495,27 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<&str>) -> Result<Ex
         outputs: Outputs { csv: out(0), per_prompt: out(1), report: out(2) },
         warnings,
     })
+}
+
+impl From<&ast::Position> for Position {
+    fn from(p: &ast::Position) -> Position {
+        match p {
+            ast::Position::End => Position::End,
+            ast::Position::Index(i) => Position::Index(*i),
+            ast::Position::Slot { name, first } => Position::Slot { name: name.clone(), first: *first },
+        }
+    }
+}
+
+impl From<ast::CmpOp> for CmpOp {
+    fn from(op: ast::CmpOp) -> CmpOp {
+        match op {
+            ast::CmpOp::Gt => CmpOp::Gt,
+            ast::CmpOp::Ge => CmpOp::Ge,
+            ast::CmpOp::Lt => CmpOp::Lt,
+            ast::CmpOp::Le => CmpOp::Le,
+            ast::CmpOp::Eq => CmpOp::Eq,
+            ast::CmpOp::Ne => CmpOp::Ne,
+        }
+    }
 }

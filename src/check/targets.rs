@@ -1,10 +1,10 @@
 //! Corruptions, patch targets and expectations.
 
 use super::datasets::{slot_not_in_template, unknown};
-use super::types::*;
+use crate::diag::{did_you_mean, Diagnostic, Span};
+use crate::ir::experiment::*;
 use crate::model::{Dim, Manifest};
-use crate::syntax::ast::{self, ExpectKind, Ident, Position, PositionSel, SelItem, Selection, Spanned};
-use crate::syntax::diag::{did_you_mean, Diagnostic, Span};
+use crate::syntax::ast::{self, ExpectKind, Ident, PositionSel, SelItem, Selection, Spanned};
 
 /// The dataset-independent part of a corruption, plus the slots it names (checked per dataset).
 pub fn corruption(
@@ -284,10 +284,10 @@ fn expand_selection(
     out
 }
 
-fn check_position(p: &Spanned<Position>, datasets: &[&Dataset], errors: &mut Vec<Diagnostic>) {
+fn check_position(p: &Spanned<ast::Position>, datasets: &[&Dataset], errors: &mut Vec<Diagnostic>) {
     for d in datasets {
         match &p.node {
-            Position::Slot { name, .. } if !d.slots.contains(name) => {
+            ast::Position::Slot { name, .. } if !d.slots.contains(name) => {
                 let mut diag = slot_not_in_template(name, &p.span, d.slots.iter().map(|s| s.as_str()));
                 diag.message = format!("position `{name}` is not a slot of dataset `{}`", d.name);
                 diag.help = Some(format!(
@@ -297,7 +297,7 @@ fn check_position(p: &Spanned<Position>, datasets: &[&Dataset], errors: &mut Vec
                 errors.push(diag);
                 return;
             }
-            Position::Index(i) => {
+            ast::Position::Index(i) => {
                 let n = d.min_len() as i64;
                 if *i >= n || *i < -n {
                     errors.push(
@@ -353,7 +353,7 @@ pub fn patch(
                     for q in list {
                         check_position(q, datasets, errors);
                     }
-                    PositionSelection::List(list.iter().map(|q| q.node.clone()).collect())
+                    PositionSelection::List(list.iter().map(|q| Position::from(&q.node)).collect())
                 }
             }
         }
@@ -683,15 +683,15 @@ pub fn expectation(
         }
         if let Some(p) = &c.node.position {
             let fine = match &t.positions {
-                PositionSelection::List(l) => l.contains(p),
-                PositionSelection::Each => matches!(p, Position::Index(_)),
+                PositionSelection::List(l) => l.contains(&Position::from(p)),
+                PositionSelection::Each => matches!(p, ast::Position::Index(_)),
                 PositionSelection::All => false,
             };
             if !fine {
                 errors.push(
                     Diagnostic::error(
                         "patchbay::not_patched",
-                        format!("`{}` does not patch position `{}`", t.name, position_label(p)),
+                        format!("`{}` does not patch position `{}`", t.name, position_label(&p.into())),
                         &c.span,
                         "position",
                     )
@@ -714,7 +714,7 @@ pub fn expectation(
         ok.then(|| ComponentRef {
             layer: c.node.layer.max(0) as usize,
             head: c.node.head.map(|h| h as usize),
-            position: c.node.position.clone(),
+            position: c.node.position.as_ref().map(Position::from),
         })
     };
     let kind = match &e.kind {
@@ -786,7 +786,7 @@ pub fn expectation(
                 target: target.node.clone(),
                 component: c.unwrap_or(ComponentRef { layer: 0, head: None, position: None }),
                 metric: metric.node.clone(),
-                op: op.node,
+                op: op.node.into(),
                 value: value.node,
             }
         }
@@ -865,25 +865,4 @@ fn component_count(t: &PatchTarget, e: &ast::Expect) -> Option<usize> {
         _ => 1,
     };
     Some(positions * heads * layers * windows)
-}
-
-/// `0..5, 7` style rendering of a sorted list.
-pub fn compact(xs: &[usize]) -> String {
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < xs.len() {
-        let mut j = i;
-        while j + 1 < xs.len() && xs[j + 1] == xs[j] + 1 {
-            j += 1;
-        }
-        parts.push(if j > i + 1 {
-            format!("{}..{}", xs[i], xs[j])
-        } else if j == i + 1 {
-            format!("{}, {}", xs[i], xs[j])
-        } else {
-            xs[i].to_string()
-        });
-        i = j + 1;
-    }
-    parts.join(", ")
 }

@@ -14,15 +14,15 @@ use anyhow::{bail, Result};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
-use crate::check::types::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
+use crate::ir::experiment::Position;
+use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
+use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::model::checkpoint::Tensor;
 use crate::model::Dim;
-use crate::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::run::engine::{concrete, Engine, HookPatch, Output, Pass};
 use crate::run::metrics::{self, Readout};
 use crate::run::resume::VariantLog;
 use crate::run::segments::{self, Segments};
-use crate::syntax::ast::Position;
 
 pub const EMBED_HOOK: &str = "hook_embed";
 

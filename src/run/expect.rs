@@ -5,10 +5,9 @@
 //! components of the target in the variant) from their mean, above for positive, below for
 //! negative. Summation-baseline rows are not components.
 
-use crate::check::types::{position_label, ComponentRef, Expectation, ExpectationKind};
-use crate::plan::Plan;
+use crate::ir::experiment::{position_label, ComponentRef, Expectation, ExpectationKind};
+use crate::ir::plan::Plan;
 use crate::run::results::Row;
-use crate::syntax::ast::CmpOp;
 
 /// The verdict on one expectation.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +99,7 @@ fn verdict(plan: &Plan, e: &Expectation, rows: &[Row]) -> Verdict {
             ExpectationKind::Effect { component, op, value, .. } => {
                 let row = components.iter().find(|r| matches(r, component));
                 let x = row.map(|r| effect(r));
-                let ok = x.is_some_and(|x| compare(x, *op, *value));
+                let ok = x.is_some_and(|x| op.holds(x, *value));
                 holds &= ok;
                 details.push(format!(
                     "{label}: {component} effect {} {} {value}: {}",
@@ -112,15 +111,4 @@ fn verdict(plan: &Plan, e: &Expectation, rows: &[Row]) -> Verdict {
         }
     }
     Verdict { text: e.text.clone(), line: e.line, holds, details }
-}
-
-fn compare(x: f64, op: CmpOp, v: f64) -> bool {
-    match op {
-        CmpOp::Gt => x > v,
-        CmpOp::Ge => x >= v,
-        CmpOp::Lt => x < v,
-        CmpOp::Le => x <= v,
-        CmpOp::Eq => x == v,
-        CmpOp::Ne => x != v,
-    }
 }

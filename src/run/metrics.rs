@@ -1,6 +1,6 @@
 //! Metrics read from the final position's logits (spec/language.md, "metric"), in f64.
 
-use crate::check::types::MetricKind;
+use crate::ir::experiment::MetricKind;
 
 /// What a prompt's metrics read besides the run's own logits.
 pub struct Readout<'a> {

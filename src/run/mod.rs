@@ -18,10 +18,11 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::check::types::{Device as PlanDevice, Experiment};
+use crate::ir::experiment::Experiment;
+use crate::ir::plan::Plan;
 use crate::model::{ModelDir, MANIFEST_FILE};
-use crate::plan::{self, Plan};
-use crate::runtime::{self, Device};
+use crate::plan;
+use crate::runtime;
 use engine::Engine;
 use execute::{Setup, VariantValues};
 use expect::Verdict;
@@ -71,10 +72,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let started = Instant::now();
     let plan = plan::plan(exp);
     let dir = ModelDir::open(&exp.model.dir)?;
-    let device = match exp.model.device {
-        PlanDevice::Cpu => Device::Cpu,
-        PlanDevice::Cuda => Device::Cuda,
-    };
+    let device = exp.model.device;
     // Outputs are checked (and locked) before any compute.
     let _lock = exp.outputs.csv.as_deref().map(output::Lock::take).transpose()?;
     runtime::ensure(false)?;

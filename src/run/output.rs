@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-use crate::plan::Plan;
+use crate::ir::plan::Plan;
 use crate::run::results::Row;
 
 /// Key columns, in order, before the metric columns.

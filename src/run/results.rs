@@ -1,8 +1,8 @@
 //! From per-prompt metric values to result rows: effects, normalisation, averaging, standard
 //! errors, and the summation baseline of sliding windows (spec/language.md, "metric").
 
-use crate::check::types::{position_label, Averaging, Direction};
-use crate::plan::{PatchRun, Plan, PlanMetric, Variant};
+use crate::ir::experiment::{position_label, Averaging, Direction};
+use crate::ir::plan::{PatchRun, Plan, PlanMetric, Variant};
 use crate::run::execute::{resolve, VariantValues};
 
 /// One metric's cells in a row.

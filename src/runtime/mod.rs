@@ -18,10 +18,21 @@ use crate::setup;
 /// The ONNX Runtime release patchbay is built against (ort 2.0.0-rc.15 -> API 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where ONNX Runtime executes: the CPU, or the CUDA execution provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+impl Device {
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
 }
 
 impl std::str::FromStr for Device {
@@ -37,10 +48,7 @@ impl std::str::FromStr for Device {
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        })
+        f.write_str(self.name())
     }
 }
 

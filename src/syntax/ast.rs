@@ -1,6 +1,6 @@
 //! The abstract syntax tree of a `.bay` file: what was written, with spans, nothing resolved.
 
-use super::diag::Span;
+use crate::diag::Span;
 
 /// A value with the span it was written at.
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct Ast {
     pub statements: Vec<Statement>,
     /// The file that was parsed (the root of the includes); diagnostics about the whole
     /// experiment (no model, no dataset) point at its start, even when it has no statements.
-    pub root: Option<std::sync::Arc<super::diag::SourceFile>>,
+    pub root: Option<std::sync::Arc<crate::diag::SourceFile>>,
 }
 
 #[derive(Debug, Clone)]
@@ -128,29 +128,6 @@ pub enum CmpOp {
     Le,
     Eq,
     Ne,
-}
-
-impl CmpOp {
-    pub fn symbol(self) -> &'static str {
-        match self {
-            CmpOp::Gt => ">",
-            CmpOp::Ge => ">=",
-            CmpOp::Lt => "<",
-            CmpOp::Le => "<=",
-            CmpOp::Eq => "=",
-            CmpOp::Ne => "!=",
-        }
-    }
-    pub fn holds(self, a: f64, b: f64) -> bool {
-        match self {
-            CmpOp::Gt => a > b,
-            CmpOp::Ge => a >= b,
-            CmpOp::Lt => a < b,
-            CmpOp::Le => a <= b,
-            CmpOp::Eq => a == b,
-            CmpOp::Ne => a != b,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]

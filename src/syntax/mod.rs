@@ -7,15 +7,15 @@
 //! including file); diagnostics about included statements point into the included file.
 
 pub mod ast;
-pub mod diag;
+
 pub mod files;
 pub mod parser;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use crate::diag::{Diagnostic, SourceFile, Span};
 pub use ast::*;
-pub use diag::{Diagnostic, SourceFile, Span};
 
 /// Parse `source` (the text of the file at `path`), following `include`s.
 pub fn parse(source: &str, path: &Path) -> Result<Ast, Vec<Diagnostic>> {

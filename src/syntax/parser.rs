@@ -6,7 +6,7 @@ use pest::iterators::Pair;
 use pest::Parser as _;
 
 use super::ast::*;
-use super::diag::{did_you_mean, Diagnostic, SourceFile, Span};
+use crate::diag::{did_you_mean, Diagnostic, SourceFile, Span};
 
 #[derive(pest_derive::Parser)]
 #[grammar = "../grammar/bay.pest"]

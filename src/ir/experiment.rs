@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::diag::Diagnostic;
 use crate::model::Manifest;
-use crate::syntax::ast::{CmpOp, Position};
-use crate::syntax::Diagnostic;
+pub use crate::runtime::Device;
 
 #[derive(Debug, Clone)]
 pub struct Experiment {
@@ -33,29 +33,6 @@ pub struct Model {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub device: Device,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
-
-impl Device {
-    pub fn name(self) -> &'static str {
-        match self {
-            Device::Cpu => "cpu",
-            Device::Cuda => "cuda",
-        }
-    }
-    pub fn parse(s: &str) -> Option<Device> {
-        match s {
-            "cpu" => Some(Device::Cpu),
-            "cuda" => Some(Device::Cuda),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -438,4 +415,73 @@ pub struct Outputs {
     pub csv: Option<PathBuf>,
     pub per_prompt: Option<PathBuf>,
     pub report: Option<PathBuf>,
+}
+
+/// A token position as the experiment names it; the plan resolves it per prompt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Position {
+    /// The last token.
+    End,
+    /// A token index; negative counts from the end (-1 is the last token).
+    Index(i64),
+    /// A slot's token: its last (default) or first token.
+    Slot { name: String, first: bool },
+}
+
+/// A numeric comparison (token-set filters, expectations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CmpOp {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Eq => "=",
+            CmpOp::Ne => "!=",
+        }
+    }
+
+    pub fn holds(self, a: f64, b: f64) -> bool {
+        match self {
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+}
+
+/// `0..5, 7` style rendering of a sorted list.
+pub fn compact(xs: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < xs.len() {
+        let mut j = i;
+        while j + 1 < xs.len() && xs[j + 1] == xs[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i + 1 {
+            format!("{}..{}", xs[i], xs[j])
+        } else if j == i + 1 {
+            format!("{}, {}", xs[i], xs[j])
+        } else {
+            xs[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(", ")
 }

@@ -1,0 +1,6 @@
+//! The intermediate representations between the compiler's stages, apart from the stages that
+//! build them: [`experiment`] (check's output, plan's input) and [`plan`] (plan's output, the
+//! engine's only input).
+
+pub mod experiment;
+pub mod plan;
