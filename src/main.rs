@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use patchbay::ir::experiment::Experiment;
 use patchbay::model::ModelDir;
 use patchbay::runtime::{self, Device};
-use patchbay::{import, predict, setup};
+use patchbay::{cache, demo, import, predict};
 
 #[derive(Parser)]
 #[command(name = "patchbay", version, about = "Compile and run declarative activation-patching experiments")]
@@ -113,7 +113,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Import { source, out, force } => {
             let out = out.unwrap_or_else(|| {
                 let stem = source.file_stem().unwrap_or_default().to_string_lossy().to_lowercase();
-                setup::models_dir().join(stem)
+                cache::models_dir().join(stem)
             });
             let opts = import::ImportOptions { source, out: out.clone(), force, quiet: cli.quiet };
             match import::import(&opts)? {
@@ -124,7 +124,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Predict { model, prompt, top_k, format, device } => {
             runtime::ensure(false)?;
-            let dir = ModelDir::open(&setup::resolve_model(&model, &std::env::current_dir()?))?;
+            let dir = ModelDir::open(&cache::resolve_model(&model, &std::env::current_dir()?))?;
             let prediction = predict::predict(&dir, &prompt, top_k, device)?;
             match format {
                 Format::Table => print_table(&prompt, &prediction),
@@ -253,13 +253,13 @@ const DEMO_NAMES: &str = include_str!("../examples/shared/names.bay");
 
 fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     runtime::ensure(true)?;
-    let model = setup::ensure_demo_model(quiet)?;
-    for prompt in setup::DEMO_PROMPTS {
+    let model = demo::ensure_demo_model(quiet)?;
+    for prompt in demo::DEMO_PROMPTS {
         print_table(prompt, &predict::predict(&model, prompt, 5, device)?);
     }
     println!("\nmodel directory: {}", model.path.display());
     // The main job: an activation-patching sweep, written where the demo keeps its files.
-    let file = setup::cache_dir().join("demo").join("demo.bay");
+    let file = cache::cache_dir().join("demo").join("demo.bay");
     std::fs::create_dir_all(file.parent().expect("has a parent"))?;
     std::fs::write(&file, DEMO_EXPERIMENT.replace("include \"shared/names.bay\"", DEMO_NAMES))?;
     println!("\nrunning the demo experiment (examples/demo.bay: an IOI head sweep, 8 prompts x 270 heads)");
@@ -289,7 +289,7 @@ fn doctor() -> anyhow::Result<bool> {
             println!("ONNX Runtime: not usable\n  {e:#}");
         }
     }
-    let models = setup::models_dir();
+    let models = cache::models_dir();
     println!("models folder: {}", models.display());
     let mut found = 0;
     if let Ok(entries) = std::fs::read_dir(&models) {

