@@ -248,7 +248,7 @@ fn a_second_run_on_the_same_output_is_refused() {
 #[test]
 fn engine_agrees_with_patched_pure_rust_forward() {
     use patchbay::model::reference;
-    use patchbay::run::execute::resolve;
+    use patchbay::run::passes::resolve;
     let body = r#"
 corruption s2_io = replace S2 with IO
 patch z = attn.hook_z layers all heads all

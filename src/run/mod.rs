@@ -6,7 +6,9 @@ pub mod execute;
 pub mod expect;
 pub mod graph;
 pub mod metrics;
+pub mod noise;
 pub mod output;
+pub mod passes;
 pub mod results;
 pub mod resume;
 pub mod segments;
@@ -24,8 +26,8 @@ use crate::model::{ModelDir, MANIFEST_FILE};
 use crate::plan;
 use crate::runtime;
 use engine::Engine;
-use execute::{Setup, VariantValues};
 use expect::Verdict;
+use passes::{Setup, VariantValues};
 use results::Row;
 use segments::Segments;
 
@@ -62,7 +64,7 @@ pub struct Outcome {
     pub plan: Plan,
     pub rows: Vec<Row>,
     pub verdicts: Vec<Verdict>,
-    pub work: execute::Work,
+    pub work: passes::Work,
     pub written: Vec<PathBuf>,
     pub seconds: f64,
 }
@@ -100,13 +102,13 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             .progress_chars("=> "),
     );
     let mut rows = vec![];
-    let mut work = execute::Work::default();
+    let mut work = passes::Work::default();
     // One model at a time, rebuilt when a variant patches a different set of hooks (variants
     // of one corruption share theirs); two would hold the weights twice.
     let mut current: Option<(Vec<String>, Model)> = None;
     for (v, variant) in plan.variants.iter().enumerate() {
         progress.set_message(variant.label.clone());
-        let hooks = execute::hooks(variant);
+        let hooks = passes::hooks(variant);
         if current.as_ref().is_none_or(|(h, _)| *h != hooks) {
             drop(current.take());
             let model = match opts.executor {

@@ -3,7 +3,7 @@
 
 use crate::ir::experiment::{position_label, Averaging, Direction};
 use crate::ir::plan::{PatchRun, Plan, PlanMetric, Variant};
-use crate::run::execute::{resolve, VariantValues};
+use crate::run::passes::{resolve, VariantValues};
 
 /// One metric's cells in a row.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,347 @@
+//! What a variant's runs are, shared by every executor: the clean, corrupted and patched passes
+//! (patch masks per component, positions resolved per prompt), the cached runs they read, and
+//! each run's metric values.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use crate::ir::experiment::Position;
+use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
+use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
+use crate::model::checkpoint::Tensor;
+use crate::model::Dim;
+use crate::run::engine::{concrete, HookPatch, Pass};
+use crate::run::metrics::{self, Readout};
+use crate::run::noise::{noise_sd, noised};
+
+pub const EMBED_HOOK: &str = "hook_embed";
+
+/// Metric values of one variant: `[metric][prompt]`, noise samples already averaged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantValues {
+    pub clean: Vec<Vec<f64>>,
+    /// `None` for ablations (no corrupted run).
+    pub corrupted: Option<Vec<Vec<f64>>>,
+    /// `[patch run][metric][prompt]`.
+    pub patched: Vec<Vec<Vec<f64>>>,
+    /// The patched forward passes actually run.
+    pub work: Work,
+}
+
+/// Patched work done: passes run (no-ops skipped), and the transformer layers they computed
+/// times their tokens (a pass that starts late computes fewer layers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Work {
+    pub passes: u64,
+    pub layer_tokens: u64,
+}
+
+impl std::ops::AddAssign for Work {
+    fn add_assign(&mut self, other: Work) {
+        self.passes += other.passes;
+        self.layer_tokens += other.layer_tokens;
+    }
+}
+
+/// The hooks a variant patches (and captures), in a fixed order.
+pub fn hooks(variant: &Variant) -> Vec<String> {
+    let mut hooks: Vec<String> = variant.patches.iter().flat_map(|p| p.hooks.iter().cloned()).collect();
+    if matches!(variant.corruption_kind, CorruptionKind::Noise { .. }) {
+        hooks.push(EMBED_HOOK.to_string());
+    }
+    hooks.sort();
+    hooks.dedup();
+    hooks
+}
+
+/// Everything about a variant's runs that both executors share.
+pub struct Setup<'a> {
+    pub variant: &'a Variant,
+    pub metrics: &'a [PlanMetric],
+    /// The engine's patchable hooks (= [`hooks`]) with their shapes.
+    pub hooks: Vec<(String, Vec<Dim>)>,
+    /// The (query) position axis of each hook's unbatched shape.
+    pos_axis: Vec<usize>,
+}
+
+impl<'a> Setup<'a> {
+    /// `hooks`: the forward pass's patchable hooks (= [`hooks`] of the variant) with shapes.
+    pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], hooks: Vec<(String, Vec<Dim>)>) -> Setup<'a> {
+        let pos_axis = hooks
+            .iter()
+            .map(|(_, dims)| {
+                let unbatched = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"));
+                unbatched.into_iter().position(|d| matches!(d, Dim::Symbolic(_))).unwrap_or(0)
+            })
+            .collect();
+        Setup { variant, metrics, hooks, pos_axis }
+    }
+
+    pub(crate) fn hook_index(&self, name: &str) -> usize {
+        self.hooks.iter().position(|(h, _)| h == name).expect("every patched hook is patchable")
+    }
+
+    pub(crate) fn samples(&self) -> usize {
+        self.variant.corruption_kind.samples()
+    }
+
+    /// The clean pass of prompt `p`.
+    pub(crate) fn clean_pass(&self, p: usize) -> Pass {
+        Pass { ids: self.variant.prompts[p].clean_ids.clone(), patches: vec![] }
+    }
+
+    /// The corrupted pass of prompt `p`, sample `s` (`None` for ablations). `clean_embed` is
+    /// the clean run's `hook_embed`, needed for Gaussian noise.
+    pub(crate) fn corrupted_pass(&self, p: usize, s: usize, clean_embed: Option<&Tensor>, nu: f64) -> Option<Pass> {
+        let prompt = &self.variant.prompts[p];
+        match (&prompt.corrupted, &self.variant.corruption_kind) {
+            (CorruptedPrompt::Tokens { ids, .. }, _) => Some(Pass { ids: ids.clone(), patches: vec![] }),
+            (CorruptedPrompt::Noise { positions }, CorruptionKind::Noise { seed, .. }) => {
+                let embed = clean_embed.expect("noise needs the clean embeddings");
+                let value = noised(embed, positions, nu, *seed, p, s);
+                let hook = self.hook_index(EMBED_HOOK);
+                Some(Pass {
+                    ids: prompt.clean_ids.clone(),
+                    patches: vec![HookPatch { hook, mask: vec![true; value.len()], value }],
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The mask of `run`'s component on hook `hook` for prompt `p`.
+    pub(crate) fn component_mask(&self, run: &PatchRun, hook: usize, p: usize) -> Vec<bool> {
+        let prompt = &self.variant.prompts[p];
+        let dims = &self.hooks[hook].1;
+        let shape = concrete(dims, None, prompt.clean_ids.len());
+        let pos_axis = dims
+            .iter()
+            .filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"))
+            .position(|d| matches!(d, Dim::Symbolic(_)));
+        let head = head_axis(dims).and_then(|a| run.head.map(|h| (a, h)));
+        let position = run.position.as_ref().map(|pos| resolve(pos, prompt));
+        let mut mask = vec![false; shape.iter().product()];
+        let mut index = vec![0usize; shape.len()];
+        for m in mask.iter_mut() {
+            let head_ok = head.is_none_or(|(a, h)| index[a] == h);
+            let pos_ok = match (position, pos_axis) {
+                (Some(q), Some(a)) => index[a] == q,
+                _ => true,
+            };
+            *m = head_ok && pos_ok;
+            for axis in (0..shape.len()).rev() {
+                index[axis] += 1;
+                if index[axis] < shape[axis] {
+                    break;
+                }
+                index[axis] = 0;
+            }
+        }
+        mask
+    }
+
+    /// Every metric of one run.
+    pub(crate) fn values(&self, logits: &[f32], p: usize, clean_log_probs: &[f64]) -> Vec<f64> {
+        let lp = metrics::log_probs(logits);
+        let prompt = &self.variant.prompts[p];
+        let r = Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(Answer::ids), clean_log_probs };
+        self.metrics.iter().map(|m| metrics::value(m.kind, logits, &lp, &r)).collect()
+    }
+}
+
+/// Index into a prompt's position table.
+pub fn resolve(pos: &Position, prompt: &PlannedPrompt) -> usize {
+    let len = prompt.clean_ids.len();
+    let lookup = |label: &str| prompt.positions.iter().find(|(l, _)| l == label).map(|(_, i)| *i);
+    match pos {
+        Position::End => len - 1,
+        Position::Index(i) if *i < 0 => (len as i64 + i) as usize,
+        Position::Index(i) => *i as usize,
+        Position::Slot { name, first: true } => lookup(&format!("first {name}")).or_else(|| lookup(name)).unwrap_or(0),
+        Position::Slot { name, first: false } => lookup(name).unwrap_or(0),
+    }
+}
+
+/// The head axis of a hook's unbatched shape: the first fixed axis of a rank-3 shape
+/// (`[pos, heads, d_head]`, `[heads, q_pos, k_pos]`).
+fn head_axis(dims: &[Dim]) -> Option<usize> {
+    let unbatched: Vec<&Dim> = dims.iter().filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch")).collect();
+    (unbatched.len() == 3).then(|| unbatched.iter().position(|d| matches!(d, Dim::Fixed(_)))).flatten()
+}
+
+/// The cached clean and corrupted runs of a variant.
+pub(crate) struct Runs {
+    pub(crate) clean_logits: Vec<Vec<f32>>,
+    /// log P_clean per prompt (what `kl` compares with).
+    pub(crate) clean_lp: Vec<Vec<f64>>,
+    /// `[prompt][hook]`.
+    pub(crate) clean_acts: Vec<Arc<Vec<Tensor>>>,
+    /// `[prompt][sample]`; empty for ablations.
+    pub(crate) corrupted_logits: Vec<Vec<Vec<f32>>>,
+    /// `[prompt][sample][hook]`.
+    pub(crate) corrupted_acts: Vec<Vec<Arc<Vec<Tensor>>>>,
+    /// `[prompt][sample]`.
+    pub(crate) corrupted_passes: Vec<Vec<Pass>>,
+    /// The residual stream between segments, `[prompt][boundary]` and `[prompt][sample][boundary]`
+    /// (empty from the full-graph engine): where late-starting passes enter.
+    pub(crate) clean_bounds: Vec<Vec<Arc<Tensor>>>,
+    pub(crate) corrupted_bounds: Vec<Vec<Vec<Arc<Tensor>>>>,
+    /// Mean ablation: the clean activations averaged over prompts, `[hook]`.
+    pub(crate) means: Vec<Tensor>,
+}
+
+impl Setup<'_> {
+    /// Pooled noise sd from the clean runs' embeddings (0 without noise).
+    pub(crate) fn nu(&self, clean_acts: &[Arc<Vec<Tensor>>]) -> f64 {
+        if !matches!(self.variant.corruption_kind, CorruptionKind::Noise { .. }) {
+            return 0.0;
+        }
+        let embed = self.hook_index(EMBED_HOOK);
+        let embeds: Vec<Tensor> = clean_acts.iter().map(|a| a[embed].clone()).collect();
+        noise_sd(self.variant, &embeds)
+    }
+
+    pub(crate) fn means(&self, clean_acts: &[Arc<Vec<Tensor>>]) -> Result<Vec<Tensor>> {
+        if !matches!(self.variant.corruption_kind, CorruptionKind::Ablation { kind: AblationKind::Mean, .. }) {
+            return Ok(vec![]);
+        }
+        let n = clean_acts.len() as f64;
+        (0..self.hooks.len())
+            .map(|h| {
+                let first = &clean_acts[0][h];
+                if clean_acts.iter().any(|a| a[h].shape != first.shape) {
+                    bail!("mean ablation needs prompts of one token count (variant {})", self.variant.label);
+                }
+                let mut sum = vec![0f64; first.data.len()];
+                for a in clean_acts {
+                    for (s, &x) in sum.iter_mut().zip(&a[h].data) {
+                        *s += x as f64;
+                    }
+                }
+                Ok(Tensor::new(first.shape.clone(), sum.into_iter().map(|s| (s / n) as f32).collect()))
+            })
+            .collect()
+    }
+
+    /// The base pass, its activations at every hook, and the source activations a patch
+    /// writes, for prompt `p` and sample `s`.
+    pub(crate) fn base_and_source<'r>(
+        &self,
+        runs: &'r Runs,
+        p: usize,
+        s: usize,
+    ) -> (Pass, &'r [Tensor], Cow<'r, [Tensor]>) {
+        let clean: &[Tensor] = &runs.clean_acts[p];
+        match (self.variant.direction, &self.variant.corruption_kind) {
+            (_, CorruptionKind::Ablation { kind, .. }) => {
+                let source: Cow<[Tensor]> = match kind {
+                    AblationKind::Zero => Cow::Owned(
+                        clean.iter().map(|t| Tensor::new(t.shape.clone(), vec![0.0; t.data.len()])).collect(),
+                    ),
+                    AblationKind::Mean => Cow::Borrowed(&runs.means),
+                    AblationKind::Resample => match self.variant.prompts[p].corrupted {
+                        CorruptedPrompt::Ablation { source_prompt: Some(q) } => Cow::Borrowed(&runs.clean_acts[q][..]),
+                        _ => Cow::Borrowed(clean),
+                    },
+                };
+                (self.clean_pass(p), clean, source)
+            }
+            (Direction::Denoise, _) => {
+                (runs.corrupted_passes[p][s].clone(), &runs.corrupted_acts[p][s][..], Cow::Borrowed(clean))
+            }
+            (Direction::Noise, _) => (self.clean_pass(p), clean, Cow::Borrowed(&runs.corrupted_acts[p][s][..])),
+        }
+    }
+
+    /// The patched pass of `run` on prompt `p`, and the first position where it writes a value
+    /// the base run does not already have; `None` when there is none (a no-op).
+    pub(crate) fn patched_pass(
+        &self,
+        run: &PatchRun,
+        p: usize,
+        base: &Pass,
+        base_acts: &[Tensor],
+        source: &[Tensor],
+    ) -> (Pass, Option<usize>) {
+        let mut pass = base.clone();
+        let mut from: Option<usize> = None;
+        for hook_name in &run.hooks {
+            let h = self.hook_index(hook_name);
+            let mask = self.component_mask(run, h, p);
+            let src = &source[h].data;
+            let (pos_axis, shape) = (self.pos_axis[h], &source[h].shape);
+            let stride: usize = shape[pos_axis + 1..].iter().product();
+            let first = mask
+                .iter()
+                .zip(src.iter().zip(&base_acts[h].data))
+                .position(|(&m, (a, b))| m && a.to_bits() != b.to_bits())
+                .map(|i| i / stride);
+            // The position axis is outermost except in patterns ([heads, q, k]): scan them all.
+            let first = if pos_axis == 0 {
+                first
+            } else {
+                mask.iter()
+                    .zip(src.iter().zip(&base_acts[h].data))
+                    .enumerate()
+                    .filter(|(_, (&m, (a, b)))| m && a.to_bits() != b.to_bits())
+                    .map(|(i, _)| (i / stride) % shape[pos_axis])
+                    .min()
+            };
+            from = match (from, first) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match pass.patches.iter_mut().find(|x| x.hook == h) {
+                // The base run already overwrites this hook (noised embeddings): the component's
+                // part comes from the source, the rest stays as the base wrote it.
+                Some(existing) => {
+                    for ((v, m), &x) in existing.value.iter_mut().zip(&mask).zip(src) {
+                        if *m {
+                            *v = x;
+                        }
+                    }
+                }
+                None => pass.patches.push(HookPatch { hook: h, value: src.clone(), mask }),
+            }
+        }
+        (pass, from)
+    }
+
+    /// `[metric][prompt]` from each prompt's runs (noise samples averaged).
+    pub(crate) fn per_prompt(&self, logits: &[Vec<&Vec<f32>>], clean_lp: &[Vec<f64>]) -> Vec<Vec<f64>> {
+        let mut out = vec![vec![0f64; logits.len()]; self.metrics.len()];
+        for (p, samples) in logits.iter().enumerate() {
+            for l in samples {
+                for (m, v) in self.values(l, p, &clean_lp[p]).into_iter().enumerate() {
+                    out[m][p] += v / samples.len() as f64;
+                }
+            }
+        }
+        out
+    }
+
+    /// `patched`: `[run][prompt][sample]` -> every metric of that patched pass.
+    pub(crate) fn collect(&self, runs: &Runs, patched: &[Vec<Vec<Vec<f64>>>], work: Work) -> VariantValues {
+        let clean_lp = &runs.clean_lp;
+        let clean: Vec<Vec<&Vec<f32>>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
+        let corrupted = (!runs.corrupted_logits.is_empty()).then(|| {
+            let logits: Vec<Vec<&Vec<f32>>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
+            self.per_prompt(&logits, clean_lp)
+        });
+        let patched = patched
+            .iter()
+            .map(|run| {
+                (0..self.metrics.len())
+                    .map(|m| {
+                        run.iter()
+                            .map(|samples| samples.iter().map(|v| v[m]).sum::<f64>() / samples.len() as f64)
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, work }
+    }
+}
