@@ -9,6 +9,7 @@
 pub mod ast;
 
 pub mod files;
+mod lower;
 pub mod parser;
 
 use std::path::{Path, PathBuf};
