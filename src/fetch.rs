@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::cache::{cache_dir, staging_dir};
+use crate::{bail_fixable, fixable};
 
 /// `pip install --target <cache>/pip/<dir_name> <spec>` once, atomically: a half-finished install
 /// is never mistaken for a finished one. Returns the target directory.
@@ -30,14 +31,16 @@ pub fn pip_install(spec: &str, dir_name: &str) -> anyhow::Result<PathBuf> {
         .arg(spec)
         .status()
         .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot run `python3 -m pip`: {e}\n  help: patchbay needs python3 with pip to fetch `{spec}`"
+            fixable!(
+                "cannot run `python3 -m pip`: {e}";
+                help: "patchbay needs python3 with pip to fetch `{spec}`"
             )
         })?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&staging);
-        anyhow::bail!(
-            "`pip install {spec}` failed ({status})\n  help: check that PyPI is reachable, or install it yourself"
+        bail_fixable!(
+            "`pip install {spec}` failed ({status})";
+            help: "check that PyPI is reachable, or install it yourself"
         );
     }
     match std::fs::rename(&staging, &target) {

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod check;
 pub mod demo;
 pub mod diag;
+pub mod error;
 pub mod fetch;
 pub mod import;
 pub mod ir;

@@ -1,5 +1,6 @@
 //! `patchbay predict`: the top-k next tokens of a prompt, to sanity-check an imported model.
 
+use crate::bail_fixable;
 use crate::model::ModelDir;
 use crate::runtime::{self, Batch, Device};
 
@@ -25,7 +26,7 @@ pub fn predict(model: &ModelDir, prompt: &str, top_k: usize, device: Device) -> 
     let encoding = tokenizer.encode(prompt, true).map_err(|e| anyhow::anyhow!("cannot tokenise the prompt: {e}"))?;
     let tokens = encoding.get_ids().to_vec();
     if tokens.is_empty() {
-        anyhow::bail!("the prompt is empty after tokenisation\n  help: give a non-empty prompt");
+        bail_fixable!("the prompt is empty after tokenisation"; help: "give a non-empty prompt");
     }
     let n_ctx = model.manifest.config.n_ctx;
     if tokens.len() > n_ctx {

@@ -14,6 +14,7 @@
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 
+use crate::bail_fixable;
 use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, ModelConfig};
 
@@ -208,9 +209,9 @@ fn gpt2(c: &Config) -> Result<ModelConfig> {
 /// `original_max_position_embeddings`, as in transformers.
 fn rope(c: &Config, d_head: usize, max_positions: usize) -> Result<(f32, Option<RopeScaling>)> {
     let (key, params) = match (c.get("rope_parameters"), c.get("rope_scaling")) {
-        (Some(_), Some(_)) => bail!(
-            "config.json has both `rope_parameters` (transformers 5) and `rope_scaling` (transformers 4)\n  \
-             help: keep the one the checkpoint was trained with"
+        (Some(_), Some(_)) => bail_fixable!(
+            "config.json has both `rope_parameters` (transformers 5) and `rope_scaling` (transformers 4)";
+            help: "keep the one the checkpoint was trained with"
         ),
         (Some(p), None) => ("rope_parameters", Some(p)),
         (None, Some(p)) => ("rope_scaling", Some(p)),

@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
+use crate::bail_fixable;
 use crate::model::TOKENIZER_FILE;
 
 pub const TOKENIZER_CONFIG_FILE: &str = "tokenizer_config.json";
@@ -47,11 +48,11 @@ pub fn tokenizer_json(dir: &Path) -> Result<String> {
         };
         let added = adds(&tokenizer, id, end)?;
         if added != wanted {
-            bail!(
+            bail_fixable!(
                 "{TOKENIZER_CONFIG_FILE} sets `{flag}: {wanted}`, but the post-processor of {TOKENIZER_FILE} {} the {token}; \
-                 transformers 5 follows {TOKENIZER_FILE}, transformers 4 followed the flag\n  help: make them agree \
-                 (remove `{flag}` to keep what {TOKENIZER_FILE} does)",
-                if added { "adds" } else { "does not add" }
+                 transformers 5 follows {TOKENIZER_FILE}, transformers 4 followed the flag",
+                if added { "adds" } else { "does not add" };
+                help: "make them agree (remove `{flag}` to keep what {TOKENIZER_FILE} does)"
             );
         }
     }

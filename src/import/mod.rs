@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use prost::Message as _;
 use sha2::{Digest, Sha256};
 
+use crate::bail_fixable;
 use crate::model::checkpoint::Checkpoint;
 use crate::model::{Manifest, Source, MANIFEST_FILE, MANIFEST_FORMAT, ONNX_DATA_FILE, ONNX_FILE, TOKENIZER_FILE};
 use crate::onnx;
@@ -44,9 +45,9 @@ pub fn open_checkpoint(source: &Path) -> anyhow::Result<Box<dyn Checkpoint>> {
         if source.join("config.json").is_file() {
             return Ok(Box::new(safetensors::HfCheckpoint::open(source)?));
         }
-        bail!(
-            "{} is a folder without config.json\n  help: pass a .gguf file or a Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer.json)",
-            source.display()
+        bail_fixable!(
+            "{} is a folder without config.json", source.display();
+            help: "pass a .gguf file or a Hugging Face checkpoint folder (config.json + *.safetensors + tokenizer.json)"
         );
     }
     let mut magic = [0u8; 4];
@@ -54,9 +55,9 @@ pub fn open_checkpoint(source: &Path) -> anyhow::Result<Box<dyn Checkpoint>> {
     if file.read_exact(&mut magic).is_ok() && &magic == b"GGUF" {
         return Ok(Box::new(gguf::GgufCheckpoint::open(source)?));
     }
-    bail!(
-        "{} is neither a GGUF file (no GGUF magic) nor a checkpoint folder\n  help: pass a .gguf file or a Hugging Face checkpoint folder",
-        source.display()
+    bail_fixable!(
+        "{} is neither a GGUF file (no GGUF magic) nor a checkpoint folder", source.display();
+        help: "pass a .gguf file or a Hugging Face checkpoint folder"
     )
 }
 
@@ -67,20 +68,27 @@ pub fn import(opts: &ImportOptions) -> anyhow::Result<Outcome> {
 
     if opts.out.exists() {
         match Manifest::load(&opts.out) {
-            Ok(existing) if existing.source.sha256 == sha256 && existing.source.patchbay_version == env!("CARGO_PKG_VERSION") && !opts.force => {
+            Ok(existing)
+                if existing.source.sha256 == sha256
+                    && existing.source.patchbay_version == env!("CARGO_PKG_VERSION")
+                    && !opts.force =>
+            {
                 return Ok(Outcome::UpToDate);
             }
-            Ok(existing) if !opts.force => bail!(
-                "{} already holds a different model (`{}`, imported from {} with sha256 {}…)\n  help: choose another output directory, or pass --force to replace it",
+            Ok(existing) if !opts.force => bail_fixable!(
+                "{} already holds a different model (`{}`, imported from {} with sha256 {}…)",
                 opts.out.display(),
                 existing.name,
                 existing.source.path,
-                &existing.source.sha256[..12]
+                &existing.source.sha256[..12];
+                help: "choose another output directory, or pass --force to replace it"
             ),
-            Err(_) if !opts.force && std::fs::read_dir(&opts.out).map(|mut d| d.next().is_some()).unwrap_or(true) => bail!(
-                "{} exists and is not an empty folder or a patchbay model directory\n  help: choose another output directory, or pass --force to replace it",
-                opts.out.display()
-            ),
+            Err(_) if !opts.force && std::fs::read_dir(&opts.out).map(|mut d| d.next().is_some()).unwrap_or(true) => {
+                bail_fixable!(
+                    "{} exists and is not an empty folder or a patchbay model directory", opts.out.display();
+                    help: "choose another output directory, or pass --force to replace it"
+                )
+            }
             _ => {}
         }
     }
@@ -132,13 +140,13 @@ fn write_model_dir(
     let model = onnx::build::build(ckpt, &mut data, &progress)?;
     let unused = ckpt.unused_tensors();
     if !unused.is_empty() {
-        bail!(
-            "the checkpoint holds {} tensor(s) that patchbay's {} graph does not use: {}\n  help: the model \
-             computes something patchbay does not implement (an extra bias or norm, rotary factors, ...); \
-             importing it without them would give wrong numbers",
+        bail_fixable!(
+            "the checkpoint holds {} tensor(s) that patchbay's {} graph does not use: {}",
             unused.len(),
             config.architecture.name(),
-            unused.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            unused.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            help: "the model computes something patchbay does not implement (an extra bias or norm, rotary \
+                   factors, ...); importing it without them would give wrong numbers"
         );
     }
     data.finish()?;

@@ -14,6 +14,8 @@ use anyhow::{bail, Result};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::fixable;
+
 /// Every ggml type id llama.cpp has defined, with its block geometry, so that error messages can
 /// name types patchbay does not import and the GGUF reader can still size their data.
 /// `(id, name, elements per block, bytes per block)`; ids 4, 5, 31–33 and 36–38 were removed.
@@ -154,11 +156,11 @@ impl std::fmt::Display for GgmlType {
 pub fn supported_type(tensor: &str, id: u32) -> Result<GgmlType> {
     GgmlType::from_id(id).ok_or_else(|| {
         let supported: Vec<&str> = GgmlType::ALL.iter().map(|t| t.name()).collect();
-        anyhow::anyhow!(
-            "tensor {tensor} has type {}, which patchbay cannot import; supported: {}\n  help: \
-             re-quantise the model to one of these types, or import the original safetensors checkpoint",
+        fixable!(
+            "tensor {tensor} has type {}, which patchbay cannot import; supported: {}",
             type_name(id),
-            supported.join(", ")
+            supported.join(", ");
+            help: "re-quantise the model to one of these types, or import the original safetensors checkpoint"
         )
     })
 }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use serde_json::Value;
 
+use crate::bail_fixable;
 use crate::import::hf_config::parse_config;
 use crate::model::checkpoint::{Checkpoint, Tensor};
 use crate::model::{Architecture, ModelConfig, TOKENIZER_FILE};
@@ -61,10 +62,9 @@ impl HfCheckpoint {
         }
         // Checked first: without the model's own tokenizer, the import is useless.
         if !dir.join(TOKENIZER_FILE).is_file() {
-            bail!(
-                "no {TOKENIZER_FILE} in {}; patchbay needs the tokenizer the model was trained with\n  \
-                 help: download `{TOKENIZER_FILE}` from the same Hugging Face repository as the weights",
-                dir.display()
+            bail_fixable!(
+                "no {TOKENIZER_FILE} in {}; patchbay needs the tokenizer the model was trained with", dir.display();
+                help: "download `{TOKENIZER_FILE}` from the same Hugging Face repository as the weights"
             );
         }
         let config_path = dir.join(CONFIG_FILE);
@@ -100,19 +100,19 @@ impl HfCheckpoint {
         };
         let head = "lm_head.weight";
         match (self.config.tied_embeddings, self.tensors.contains_key(head)) {
-            (false, false) => bail!(
+            (false, false) => bail_fixable!(
                 "config.json sets `tie_word_embeddings: false` (or leaves it at false, transformers' default \
-                 here) but the checkpoint has no `{head}`\n  help: a checkpoint that reuses its embedding as \
-                 unembedding says `\"tie_word_embeddings\": true`"
+                 here) but the checkpoint has no `{head}`";
+                help: "a checkpoint that reuses its embedding as unembedding says `\"tie_word_embeddings\": true`"
             ),
             (true, true) if self.tensors.contains_key(embedding) => {
                 // A tied head saved anyway is harmless only when it is the embedding itself.
                 let (head_t, embed_t) = (self.load(&[head.into()])?, self.load(&[embedding.into()])?);
                 if head_t != embed_t {
-                    bail!(
+                    bail_fixable!(
                         "config.json ties the unembedding to the embedding (`tie_word_embeddings: true`) but \
-                         `{head}` differs from `{embedding}`; transformers would silently ignore `{head}`\n  \
-                         help: set `\"tie_word_embeddings\": false` if the model was trained with a separate head"
+                         `{head}` differs from `{embedding}`; transformers would silently ignore `{head}`";
+                        help: "set `\"tie_word_embeddings\": false` if the model was trained with a separate head"
                     );
                 }
                 Ok(())
@@ -176,10 +176,10 @@ impl HfCheckpoint {
             "F32" => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             "F16" => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             "BF16" => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => bail!(
-                "tensor `{name}` in {} has dtype {other}; patchbay reads F32, F16 and BF16 safetensors\n  \
-                 help: convert the checkpoint to float16/bfloat16/float32 (e.g. `model.to(torch.float16).save_pretrained(...)`)",
-                file.path.display()
+            other => bail_fixable!(
+                "tensor `{name}` in {} has dtype {other}; patchbay reads F32, F16 and BF16 safetensors",
+                file.path.display();
+                help: "convert the checkpoint to float16/bfloat16/float32 (e.g. `model.to(torch.float16).save_pretrained(...)`)"
             ),
         };
         Ok(Some(Tensor::new(entry.shape.clone(), data)))
@@ -345,9 +345,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     files.dedup();
     if files.is_empty() {
-        bail!(
-            "no *.safetensors files in {}\n  help: a Hugging Face checkpoint folder holds config.json, model.safetensors (or shards) and tokenizer.json",
-            dir.display()
+        bail_fixable!(
+            "no *.safetensors files in {}", dir.display();
+            help: "a Hugging Face checkpoint folder holds config.json, model.safetensors (or shards) and tokenizer.json"
         );
     }
     Ok(files)

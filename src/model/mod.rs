@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::{bail_fixable, fixable};
+
 pub const MANIFEST_FILE: &str = "patchbay.json";
 pub const ONNX_FILE: &str = "model.onnx";
 pub const ONNX_DATA_FILE: &str = "model.onnx.data";
@@ -151,36 +153,34 @@ impl Manifest {
 
     pub fn load(dir: &Path) -> anyhow::Result<Manifest> {
         if !dir.is_dir() {
-            anyhow::bail!(
-                "no model directory at {}\n  help: run `patchbay demo` to fetch the demo model, or `patchbay import` to add one; `patchbay doctor` lists the models found",
-                dir.display()
+            bail_fixable!(
+                "no model directory at {}", dir.display();
+                help: "run `patchbay demo` to fetch the demo model, or `patchbay import` to add one; `patchbay doctor` lists the models found"
             );
         }
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read {}: {e}\n  help: is {} a model directory made by `patchbay import`?",
-                path.display(),
-                dir.display()
+            fixable!(
+                "cannot read {}: {e}", path.display();
+                help: "is {} a model directory made by `patchbay import`?", dir.display()
             )
         })?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{} is not a valid patchbay manifest: {e}\n  help: re-import the model with `patchbay import --force`",
-                path.display()
+            fixable!(
+                "{} is not a valid patchbay manifest: {e}", path.display();
+                help: "re-import the model with `patchbay import --force`"
             )
         })?;
         if manifest.format != MANIFEST_FORMAT {
-            anyhow::bail!(
-                "{} has manifest format {}, this patchbay reads format {MANIFEST_FORMAT}\n  help: re-import the model with `patchbay import --force`",
-                path.display(),
-                manifest.format
+            bail_fixable!(
+                "{} has manifest format {}, this patchbay reads format {MANIFEST_FORMAT}", path.display(), manifest.format;
+                help: "re-import the model with `patchbay import --force`"
             );
         }
         manifest.validate().map_err(|problem| {
-            anyhow::anyhow!(
-                "{} is damaged: {problem}\n  help: re-import the model with `patchbay import --force`",
-                path.display()
+            fixable!(
+                "{} is damaged: {problem}", path.display();
+                help: "re-import the model with `patchbay import --force`"
             )
         })?;
         Ok(manifest)
@@ -239,9 +239,9 @@ impl ModelDir {
         let manifest = Manifest::load(path)?;
         for file in [ONNX_FILE, TOKENIZER_FILE] {
             if !path.join(file).is_file() {
-                anyhow::bail!(
-                    "model directory {} has no {file}\n  help: re-import the model with `patchbay import --force`",
-                    path.display()
+                bail_fixable!(
+                    "model directory {} has no {file}", path.display();
+                    help: "re-import the model with `patchbay import --force`"
                 );
             }
         }

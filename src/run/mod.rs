@@ -16,7 +16,9 @@ pub mod segments;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+
+use crate::bail_fixable;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
@@ -196,11 +198,12 @@ fn check_finite(plan: &Plan, rows: &[Row]) -> Result<()> {
             })
             .collect();
     if !bad.is_empty() {
-        bail!(
-            "{} result(s) are NaN or infinite, e.g. {}\n  help: a metric overflowed or its normalisation divided by zero \
-             (clean and corrupted metrics equal, or a huge noise scale); nothing was written",
+        bail_fixable!(
+            "{} result(s) are NaN or infinite, e.g. {}",
             bad.len(),
-            bad.iter().take(5).cloned().collect::<Vec<_>>().join("; ")
+            bad.iter().take(5).cloned().collect::<Vec<_>>().join("; ");
+            help: "a metric overflowed or its normalisation divided by zero (clean and corrupted metrics equal, or \
+                   a huge noise scale); nothing was written"
         );
     }
     Ok(())

