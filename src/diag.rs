@@ -45,6 +45,14 @@ pub struct Span {
     pub range: Range<usize>,
 }
 
+/// `file:start..end` (byte offsets), with the file's name as written: what snapshots of the AST
+/// show for a span.
+impl serde::Serialize for Span {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}:{}..{}", self.file.name, self.range.start, self.range.end))
+    }
+}
+
 impl Span {
     pub fn new(file: &Arc<SourceFile>, range: Range<usize>) -> Span {
         Span { file: file.clone(), range }

@@ -1,4 +1,5 @@
-//! Plans: deterministic and snapshot-tested.
+//! Each stage's output as a snapshot (PRQL-style): the AST, the typed experiment and the plan
+//! of one IOI file; plans are deterministic.
 
 #[path = "support/lang_fixture.rs"]
 mod fixture;
@@ -92,20 +93,43 @@ metric pd = prob_diff per_prompt_mean
 
 /// The plan itself (what the engine executes), not only its text: a change to runs, positions,
 /// corruptions or outputs shows in review.
-#[test]
-fn ioi_plan_ir() {
-    let src = IOI
-        .replace("count 4", "count 2")
+/// The small IOI file the IR snapshots use.
+fn small_ioi() -> String {
+    IOI.replace("count 4", "count 2")
         .replace("heads all\n", "heads [0, 1]\n")
         .replace("L1.H3", "L1.H1")
         .replace("L1.H2 when", "L1.H0 when")
         .replace("samples 10", "samples 2")
         .replace("corruption abc   = resample IO, S1, S2 distinct seed 3\n", "")
-        .replace("[s2_io, abc, gn]", "[s2_io, gn]");
+        .replace("[s2_io, abc, gn]", "[s2_io, gn]")
+}
+
+/// `value` as pretty JSON, with the workspace path (different on every run) replaced.
+fn snapshot_json(value: &impl serde::Serialize, ws: &std::path::Path) -> String {
+    serde_json::to_string_pretty(value).unwrap().replace(&ws.display().to_string(), "<ws>")
+}
+
+#[test]
+fn ioi_ast() {
+    let ast = patchbay::syntax::parse(&small_ioi(), std::path::Path::new("ioi.bay"))
+        .unwrap_or_else(|d| panic!("{}", d.iter().map(|d| d.render_plain()).collect::<String>()));
+    insta::assert_snapshot!(serde_json::to_string_pretty(&ast).unwrap());
+}
+
+#[test]
+fn ioi_experiment_ir() {
     let ws = fixture::workspace();
-    let path = fixture::write(ws.path(), "ioi.bay", &src);
+    let path = fixture::write(ws.path(), "ioi.bay", &small_ioi());
     let exp = check::check_file(&path, None)
         .unwrap_or_else(|d| panic!("{}", d.iter().map(|d| d.render_plain()).collect::<String>()));
-    let json = serde_json::to_string_pretty(&plan::plan(&exp)).unwrap();
-    insta::assert_snapshot!(json.replace(&ws.path().display().to_string(), "<ws>"));
+    insta::assert_snapshot!(snapshot_json(&exp, ws.path()));
+}
+
+#[test]
+fn ioi_plan_ir() {
+    let ws = fixture::workspace();
+    let path = fixture::write(ws.path(), "ioi.bay", &small_ioi());
+    let exp = check::check_file(&path, None)
+        .unwrap_or_else(|d| panic!("{}", d.iter().map(|d| d.render_plain()).collect::<String>()));
+    insta::assert_snapshot!(snapshot_json(&plan::plan(&exp), ws.path()));
 }

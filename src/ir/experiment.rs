@@ -7,7 +7,7 @@ use crate::diag::Diagnostic;
 use crate::model::Manifest;
 pub use crate::runtime::Device;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Experiment {
     /// The experiment file's stem.
     pub name: String,
@@ -23,10 +23,11 @@ pub struct Experiment {
     pub expectations: Vec<Expectation>,
     pub outputs: Outputs,
     /// Warnings found while checking (the experiment is still valid).
+    #[serde(skip)]
     pub warnings: Vec<Diagnostic>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Model {
     /// As written in the file.
     pub reference: String,
@@ -35,7 +36,7 @@ pub struct Model {
     pub device: Device,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Dataset {
     pub name: String,
     pub origin: DatasetOrigin,
@@ -62,13 +63,13 @@ impl Dataset {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum DatasetOrigin {
     Template { template: String, count: usize, seed: u64 },
     File { path: PathBuf },
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Prompt {
     pub text: String,
     pub ids: Vec<u32>,
@@ -111,7 +112,7 @@ impl Prompt {
 }
 
 /// Where a slot's value sits in the tokenised prompt (inclusive token indices).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SlotSpan {
     pub value: String,
     pub first: usize,
@@ -152,7 +153,7 @@ pub enum CorruptedPrompt {
     Ablation { source_prompt: Option<usize> },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Corruption {
     pub name: String,
     pub kind: CorruptionKind,
@@ -219,7 +220,7 @@ impl AblationKind {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PatchTarget {
     pub name: String,
     /// Hooks patched jointly (one run patches all of them).
@@ -234,7 +235,7 @@ pub struct PatchTarget {
     pub summation: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub enum HookRef {
     /// `hook_mlp_out` -> `blocks.{L}.hook_mlp_out`.
     Layered(String),
@@ -257,7 +258,7 @@ impl HookRef {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum PositionSelection {
     /// All positions at once (the default).
     All,
@@ -309,7 +310,7 @@ impl Averaging {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Metric {
     pub name: String,
     pub kind: MetricKind,
@@ -335,7 +336,7 @@ impl Direction {
 
 /// The methodology grid: every combination of dataset x corruption x direction is a variant;
 /// every variant runs every patch target and computes every metric.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Sweep {
     pub datasets: Vec<String>,
     pub corruptions: Vec<String>,
@@ -344,7 +345,7 @@ pub struct Sweep {
     pub metrics: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Expectation {
     /// The expectation as written (for messages).
     pub text: String,
@@ -355,7 +356,7 @@ pub struct Expectation {
     pub when: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum ExpectationKind {
     /// Components whose effect is more than `sd` standard deviations from the mean effect.
     Detected {
@@ -381,7 +382,7 @@ pub enum ExpectationKind {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ComponentRef {
     pub layer: usize,
     pub head: Option<usize>,
@@ -410,7 +411,7 @@ pub fn position_label(p: &Position) -> String {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Outputs {
     pub csv: Option<PathBuf>,
     pub per_prompt: Option<PathBuf>,

@@ -3,7 +3,7 @@
 use crate::diag::Span;
 
 /// A value with the span it was written at.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Spanned<T> {
     pub node: T,
     pub span: Span,
@@ -18,15 +18,16 @@ impl<T> Spanned<T> {
 pub type Ident = Spanned<String>;
 
 /// A parsed file: its statements in order, `include`d files' statements spliced in place.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Ast {
     pub statements: Vec<Statement>,
     /// The file that was parsed (the root of the includes); diagnostics about the whole
     /// experiment (no model, no dataset) point at its start, even when it has no statements.
+    #[serde(skip)]
     pub root: Option<std::sync::Arc<crate::diag::SourceFile>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Statement {
     pub kind: StatementKind,
     pub span: Span,
@@ -34,7 +35,7 @@ pub struct Statement {
     pub included: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum StatementKind {
     Include(Spanned<String>),
     Model { reference: Spanned<String>, device: Option<Ident> },
@@ -52,20 +53,20 @@ pub enum StatementKind {
     Report(Spanned<String>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Pool {
     pub name: Ident,
     pub source: PoolSource,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum PoolSource {
     Inline(Vec<Spanned<String>>),
     File(Spanned<String>),
 }
 
 /// A pool named, or written inline.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum PoolRef {
     Named(Ident),
     Inline(Spanned<Vec<Spanned<String>>>),
@@ -80,7 +81,7 @@ impl PoolRef {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Dataset {
     pub name: Ident,
     pub file: Option<Spanned<String>>,
@@ -88,7 +89,7 @@ pub struct Dataset {
     pub span: Span,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum DatasetItem {
     Template(Spanned<String>),
     Pool(Pool),
@@ -101,7 +102,7 @@ pub enum DatasetItem {
     Column { role: Spanned<ColumnRole>, column: Ident },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum ColumnRole {
     Prompt,
     Counterfactual,
@@ -110,7 +111,7 @@ pub enum ColumnRole {
     Slot(Ident),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum AnswerSpec {
     /// A slot's value.
     Slot(Ident),
@@ -120,7 +121,7 @@ pub enum AnswerSpec {
     Set { pool: PoolRef, filter: Option<(Spanned<CmpOp>, Ident)> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum CmpOp {
     Gt,
     Ge,
@@ -130,7 +131,7 @@ pub enum CmpOp {
     Ne,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum CorruptionKind {
     Replace(Vec<(Ident, ReplaceWith)>),
     Resample { slots: Vec<Ident>, distinct: bool, seed: Option<Spanned<i64>> },
@@ -139,13 +140,13 @@ pub enum CorruptionKind {
     Ablation { kind: Ident, seed: Option<Spanned<i64>> },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum ReplaceWith {
     Slot(Ident),
     Literal(Spanned<String>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Patch {
     pub name: Ident,
     pub hooks: Vec<Ident>,
@@ -156,20 +157,20 @@ pub struct Patch {
     pub summation: Option<Span>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum Selection {
     All,
     /// Single values and inclusive ranges, in the order written.
     Items(Vec<Spanned<SelItem>>),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub enum SelItem {
     One(i64),
     Range(i64, i64),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum PositionSel {
     /// All positions patched together (the default).
     All,
@@ -190,19 +191,19 @@ pub enum Position {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Axis {
     pub name: Ident,
     pub values: Vec<Ident>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Expect {
     pub kind: ExpectKind,
     pub when: Vec<(Ident, Ident)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub enum ExpectKind {
     Detected {
         target: Ident,
@@ -228,7 +229,7 @@ pub enum ExpectKind {
 }
 
 /// `L9.H9`, `L3`, `L3 @ S2`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Component {
     pub layer: i64,
     pub head: Option<i64>,
