@@ -1,4 +1,5 @@
-//! Every file in examples/ passes `check` against the SmolLM2 demo model and compiles to a plan.
+//! Every file in examples/ passes `check` against the SmolLM2 demo model and compiles to the plan
+//! its snapshot records (prompts, corruptions, components, counts, expectations, outputs).
 
 use std::path::PathBuf;
 
@@ -21,8 +22,11 @@ fn examples_check() {
     for f in example_files() {
         match patchbay::check::check_file(&f, None) {
             Ok(exp) => {
-                let plan = patchbay::plan::plan(&exp);
-                assert!(!plan.variants.is_empty(), "{} has no variants", f.display());
+                let plan = patchbay::plan::plan(&exp).to_string();
+                let examples = f.parent().unwrap().display().to_string();
+                let models = patchbay::cache::models_dir().display().to_string();
+                let name = f.file_stem().unwrap().to_string_lossy().into_owned();
+                insta::assert_snapshot!(name, plan.replace(&examples, "<examples>").replace(&models, "<models>"));
             }
             Err(d) => {
                 for x in &d {
