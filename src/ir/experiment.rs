@@ -345,7 +345,7 @@ pub struct Sweep {
     pub metrics: Vec<String>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub struct Expectation {
     /// The expectation as written (for messages).
     pub text: String,
@@ -356,7 +356,7 @@ pub struct Expectation {
     pub when: Vec<(String, String)>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
 pub enum ExpectationKind {
     /// Components whose effect is more than `sd` standard deviations from the mean effect.
     Detected {
@@ -411,7 +411,7 @@ pub fn position_label(p: &Position) -> String {
     }
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
 pub struct Outputs {
     pub csv: Option<PathBuf>,
     pub per_prompt: Option<PathBuf>,

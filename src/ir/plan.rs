@@ -9,14 +9,16 @@ use crate::ir::experiment::*;
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Plan {
     pub experiment: String,
+    /// The model as the file names it, and the directory it resolved to.
     pub model: String,
+    pub model_dir: std::path::PathBuf,
     pub n_layers: usize,
     pub device: Device,
     pub batch_size: usize,
     pub variants: Vec<Variant>,
     pub metrics: Vec<PlanMetric>,
-    pub expectations: Vec<String>,
-    pub outputs: Vec<(String, String)>,
+    pub expectations: Vec<Expectation>,
+    pub outputs: Outputs,
     pub counts: Counts,
     /// Estimated activation-cache bytes (f32) for the largest variant.
     pub cache_bytes: u64,
@@ -40,6 +42,12 @@ pub struct Variant {
     pub direction: Direction,
     pub prompts: Vec<PlannedPrompt>,
     pub patches: Vec<PatchRun>,
+    /// The hooks whose activations the clean and corrupted runs cache (what the patches read,
+    /// and the embeddings that Gaussian noise perturbs), sorted.
+    pub captures: Vec<String>,
+    /// The earlier variant whose clean and corrupted runs are this one's too (same dataset and
+    /// corruption, another direction).
+    pub shares_runs_with: Option<String>,
     pub counts: Counts,
 }
 
@@ -52,6 +60,11 @@ pub struct PlannedPrompt {
     pub wrong: Option<Answer>,
     /// Symbolic position labels -> token index (slots' last and first tokens, `end`).
     pub positions: Vec<(String, usize)>,
+    /// The first token whose input the corruption changes (STR and counterfactual prompts: the
+    /// first differing id; Gaussian noise: the first noised position). Every earlier position is
+    /// the same in the clean and corrupted runs (causal attention). `None` for ablations, which
+    /// change activations rather than inputs.
+    pub first_changed_token: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -258,11 +271,18 @@ impl fmt::Display for Plan {
         if !self.expectations.is_empty() {
             writeln!(f, "expectations:")?;
             for e in &self.expectations {
-                writeln!(f, "  {e}")?;
+                writeln!(f, "  {}", e.text)?;
             }
         }
-        for (k, p) in &self.outputs {
-            writeln!(f, "{k}: {p}")?;
+        let outputs = [
+            ("csv", &self.outputs.csv),
+            ("per-prompt csv", &self.outputs.per_prompt),
+            ("report", &self.outputs.report),
+        ];
+        for (kind, path) in outputs {
+            if let Some(path) = path {
+                writeln!(f, "{kind}: {}", path.display())?;
+            }
         }
         Ok(())
     }

@@ -18,6 +18,8 @@ pub const MANIFEST_FILE: &str = "patchbay.json";
 pub const ONNX_FILE: &str = "model.onnx";
 pub const ONNX_DATA_FILE: &str = "model.onnx.data";
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
+/// The token embeddings, where Gaussian-noise corruption is applied.
+pub const EMBED_HOOK: &str = "hook_embed";
 /// 2: the unembedding reads batch and positions from the residual stream, not the input.
 pub const MANIFEST_FORMAT: u32 = 2;
 
@@ -129,7 +131,7 @@ impl Manifest {
             hooks.insert(name.clone(), Hook { tensor: name, shape });
         };
         let residual = || vec![sym("batch"), sym("pos"), fixed(config.d_model)];
-        add("hook_embed".into(), residual());
+        add(EMBED_HOOK.into(), residual());
         if config.architecture == Architecture::Gpt2 {
             add("hook_pos_embed".into(), residual());
         }

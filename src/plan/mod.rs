@@ -8,6 +8,7 @@
 
 use crate::ir::experiment::*;
 pub use crate::ir::plan::*;
+use crate::model::EMBED_HOOK;
 
 fn window_layers(l: usize, w: usize, n: usize) -> Vec<usize> {
     let lo = l.saturating_sub(w / 2);
@@ -162,6 +163,11 @@ pub fn plan(exp: &Experiment) -> Plan {
                             }
                         }
                         positions.push(("end".into(), p.ids.len().saturating_sub(1)));
+                        let first_changed_token = match cp {
+                            CorruptedPrompt::Tokens { ids, .. } => p.ids.iter().zip(ids).position(|(a, b)| a != b),
+                            CorruptedPrompt::Noise { positions } => positions.iter().min().copied(),
+                            CorruptedPrompt::Ablation { .. } => None,
+                        };
                         PlannedPrompt {
                             clean_text: p.text.clone(),
                             clean_ids: p.ids.clone(),
@@ -169,9 +175,14 @@ pub fn plan(exp: &Experiment) -> Plan {
                             answer: p.answer.clone(),
                             wrong: p.wrong.clone(),
                             positions,
+                            first_changed_token,
                         }
                     })
                     .collect();
+                let shares_runs_with = variants
+                    .iter()
+                    .find(|v: &&Variant| v.dataset == ds.name && v.corruption == c.name)
+                    .map(|v| v.label.clone());
                 variants.push(Variant {
                     label: format!("{}/{}/{}", ds.name, c.name, dir.name()),
                     dataset: ds.name.clone(),
@@ -179,7 +190,9 @@ pub fn plan(exp: &Experiment) -> Plan {
                     corruption_kind: c.kind.clone(),
                     direction: dir,
                     prompts,
+                    captures: captures(&patches, &c.kind),
                     patches: patches.clone(),
+                    shares_runs_with,
                     counts,
                 });
             }
@@ -191,27 +204,32 @@ pub fn plan(exp: &Experiment) -> Plan {
         .filter(|m| exp.sweep.metrics.contains(&m.name))
         .map(|m| PlanMetric { name: m.name.clone(), kind: m.kind, normalized: m.normalized, averaging: m.averaging })
         .collect();
-    let mut outputs = Vec::new();
-    for (k, v) in
-        [("csv", &exp.outputs.csv), ("per-prompt csv", &exp.outputs.per_prompt), ("report", &exp.outputs.report)]
-    {
-        if let Some(p) = v {
-            outputs.push((k.to_string(), p.display().to_string()));
-        }
-    }
     Plan {
         experiment: exp.name.clone(),
         model: exp.model.reference.clone(),
+        model_dir: exp.model.dir.clone(),
         n_layers,
         device: exp.model.device,
         batch_size: exp.batch_size,
         variants,
         metrics,
-        expectations: exp.expectations.iter().map(|e| e.text.clone()).collect(),
-        outputs,
+        expectations: exp.expectations.clone(),
+        outputs: exp.outputs.clone(),
         counts: total,
         cache_bytes,
     }
+}
+
+/// The hooks a variant's cached runs capture: every patched hook, and the embeddings when
+/// Gaussian noise perturbs them.
+fn captures(patches: &[PatchRun], corruption: &CorruptionKind) -> Vec<String> {
+    let mut hooks: Vec<String> = patches.iter().flat_map(|p| p.hooks.iter().cloned()).collect();
+    if matches!(corruption, CorruptionKind::Noise { .. }) {
+        hooks.push(EMBED_HOOK.to_string());
+    }
+    hooks.sort();
+    hooks.dedup();
+    hooks
 }
 
 /// Activation cache of one variant: the source run's activations at every patched hook, for

@@ -16,9 +16,10 @@ use anyhow::Result;
 
 use crate::ir::experiment::{CorruptedPrompt, Direction};
 use crate::model::checkpoint::Tensor;
+use crate::model::EMBED_HOOK;
 use crate::run::engine::{Engine, HookPatch, Output, Pass};
 use crate::run::metrics;
-use crate::run::passes::{Runs, Setup, VariantValues, Work, EMBED_HOOK};
+use crate::run::passes::{Runs, Setup, VariantValues, Work};
 use crate::run::resume::VariantLog;
 use crate::run::segments::{self, Segments};
 

@@ -110,7 +110,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let mut current: Option<(Vec<String>, Model)> = None;
     for (v, variant) in plan.variants.iter().enumerate() {
         progress.set_message(variant.label.clone());
-        let hooks = passes::hooks(variant);
+        let hooks = variant.captures.clone();
         if current.as_ref().is_none_or(|(h, _)| *h != hooks) {
             drop(current.take());
             let model = match opts.executor {

@@ -11,12 +11,10 @@ use crate::ir::experiment::Position;
 use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
 use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::model::checkpoint::Tensor;
-use crate::model::Dim;
+use crate::model::{Dim, EMBED_HOOK};
 use crate::run::engine::{concrete, HookPatch, Pass};
 use crate::run::metrics::{self, Readout};
 use crate::run::noise::{noise_sd, noised};
-
-pub const EMBED_HOOK: &str = "hook_embed";
 
 /// Metric values of one variant: `[metric][prompt]`, noise samples already averaged.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,17 +41,6 @@ impl std::ops::AddAssign for Work {
         self.passes += other.passes;
         self.layer_tokens += other.layer_tokens;
     }
-}
-
-/// The hooks a variant patches (and captures), in a fixed order.
-pub fn hooks(variant: &Variant) -> Vec<String> {
-    let mut hooks: Vec<String> = variant.patches.iter().flat_map(|p| p.hooks.iter().cloned()).collect();
-    if matches!(variant.corruption_kind, CorruptionKind::Noise { .. }) {
-        hooks.push(EMBED_HOOK.to_string());
-    }
-    hooks.sort();
-    hooks.dedup();
-    hooks
 }
 
 /// Everything about a variant's runs that both executors share.
