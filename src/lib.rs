@@ -18,6 +18,7 @@ pub mod model;
 pub mod onnx;
 pub mod plan;
 pub mod predict;
+pub mod report;
 pub mod run;
 pub mod runtime;
 pub mod syntax;

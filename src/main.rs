@@ -184,9 +184,9 @@ fn run_files(files: &[PathBuf], device: Option<Device>, options: &patchbay::run:
         let Some(exp) = checked(file, device) else {
             anyhow::bail!("{} does not check; nothing was run", file.display());
         };
-        let outcome = patchbay::run::run(&exp, options)?;
-        print!("{}", patchbay::run::summary(&outcome));
-        all_hold &= outcome.verdicts.iter().all(|v| v.holds);
+        let report = patchbay::report::run_and_write(&exp, options)?;
+        print!("{}", patchbay::report::summary::summary(&report.outcome, &report.written));
+        all_hold &= report.outcome.verdicts.iter().all(|v| v.holds);
     }
     Ok(all_hold)
 }
@@ -269,8 +269,8 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
             d.iter().map(|d| d.render_plain()).collect::<String>()
         )
     })?;
-    let outcome = patchbay::run::run(&exp, &patchbay::run::RunOptions { quiet, ..Default::default() })?;
-    print!("{}", patchbay::run::summary(&outcome));
+    let report = patchbay::report::run_and_write(&exp, &patchbay::run::RunOptions { quiet, ..Default::default() })?;
+    print!("{}", patchbay::report::summary::summary(&report.outcome, &report.written));
     println!("\nnext: `patchbay run examples/ioi.bay` runs the full methodology comparison");
     Ok(true)
 }

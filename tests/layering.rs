@@ -1,6 +1,6 @@
 //! The architecture, as a test: every top-level module of `src/` uses only the modules listed
 //! for it here, and the list is in dependency order, so there is no import cycle and the
-//! compiler stages depend only downward: syntax -> check -> plan -> run, over the model layer
+//! compiler stages depend only downward: syntax -> check -> plan -> run -> report, over the model layer
 //! (model contract, onnx, runtime, import) and the leaves (diagnostics, errors, cache).
 //! Unit tests (`#[cfg(test)]` modules, `tests.rs` files) may use anything.
 
@@ -25,6 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("check", &["syntax", "ir", "diag", "model", "cache", "error"]),
     ("plan", &["ir", "diag", "model"]),
     ("run", &["plan", "ir", "diag", "model", "onnx", "runtime", "error"]),
+    ("report", &["run", "plan", "ir", "model", "runtime", "error"]),
 ];
 
 /// Macros exported at the crate root, by the module that defines them.

@@ -44,7 +44,7 @@ fn run_file(file: &Path, executor: Executor) -> run::Outcome {
 fn run_file_on(file: &Path, executor: Executor, device: &str) -> run::Outcome {
     let exp = patchbay::check::check_file(file, Some(device.parse().unwrap()))
         .unwrap_or_else(|d| panic!("{:?}", d.iter().map(|d| d.render_terminal()).collect::<Vec<_>>()));
-    run::run(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap()
+    patchbay::report::run_and_write(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap().outcome
 }
 
 /// Every cell of `a` equals `b`'s within 1e-4 (absolute on normalised values, relative on raw).

@@ -250,6 +250,14 @@ impl ModelDir {
         Ok(ModelDir { path: path.to_path_buf(), manifest })
     }
 
+    /// The sha256 of the manifest file, as hex: identifies the imported model.
+    pub fn manifest_sha256(&self) -> anyhow::Result<String> {
+        use sha2::Digest as _;
+        let path = self.path.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        Ok(format!("{:x}", sha2::Sha256::digest(bytes)))
+    }
+
     pub fn onnx_path(&self) -> PathBuf {
         self.path.join(ONNX_FILE)
     }

@@ -5,18 +5,17 @@ pub mod engine;
 pub mod execute;
 pub mod expect;
 pub mod graph;
+pub mod lock;
 pub mod metrics;
 pub mod noise;
-pub mod output;
 pub mod passes;
 pub mod results;
 pub mod resume;
 pub mod segments;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::bail_fixable;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ir::experiment::Experiment;
 use crate::ir::plan::Plan;
-use crate::model::{ModelDir, MANIFEST_FILE};
+use crate::model::ModelDir;
 use crate::plan;
 use crate::runtime;
 use engine::Engine;
@@ -62,13 +61,28 @@ impl Default for RunOptions {
     }
 }
 
+/// A finished run: its results, and, until [`Outcome::complete`], the output lock and the
+/// checkpoints of its batches (kept if the outputs are never written, so a rerun resumes).
 pub struct Outcome {
     pub plan: Plan,
+    pub model: ModelDir,
     pub rows: Vec<Row>,
     pub verdicts: Vec<Verdict>,
     pub work: passes::Work,
-    pub written: Vec<PathBuf>,
     pub seconds: f64,
+    lock: Option<lock::Lock>,
+    run_folder: Option<resume::RunFolder>,
+}
+
+impl Outcome {
+    /// The outputs are written: drop the checkpoints and release the lock.
+    pub fn complete(&mut self) -> Result<()> {
+        if let Some(folder) = self.run_folder.take() {
+            folder.finish()?;
+        }
+        drop(self.lock.take());
+        Ok(())
+    }
 }
 
 /// Run a checked experiment: every variant, its rows, the expectations, the output files.
@@ -78,7 +92,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let dir = ModelDir::open(&exp.model.dir)?;
     let device = exp.model.device;
     // Outputs are checked (and locked) before any compute.
-    let _lock = exp.outputs.csv.as_deref().map(output::Lock::take).transpose()?;
+    let lock = exp.outputs.csv.as_deref().map(lock::Lock::take).transpose()?;
     runtime::ensure(false)?;
     // Checkpoints of completed batches, for the fast path writing an output.
     let run_folder = match (&exp.outputs.csv, opts.executor) {
@@ -144,22 +158,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let verdicts = expect::evaluate(&plan, &exp.expectations, &rows);
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut written = vec![];
-    if let Some(path) = &exp.outputs.csv {
-        output::write_atomic(path, &output::csv(&plan, &rows)?)?;
-        written.push(path.clone());
-        let sidecar = path.with_extension("provenance.json");
-        output::write_atomic(&sidecar, &provenance(exp, &plan, &dir, work.passes, seconds)?)?;
-        written.push(sidecar);
-    }
-    if let Some(path) = &exp.outputs.per_prompt {
-        output::write_atomic(path, &output::per_prompt_csv(&plan, &rows)?)?;
-        written.push(path.clone());
-    }
-    if let Some(folder) = run_folder {
-        folder.finish()?;
-    }
-    Ok(Outcome { plan, rows, verdicts, work, written, seconds })
+    Ok(Outcome { plan, model: dir, rows, verdicts, work, seconds, lock, run_folder })
 }
 
 /// What a run's checkpoints depend on: the plan (prompts, corruptions, runs, metrics), the
@@ -167,7 +166,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
 fn run_key(plan: &Plan, dir: &ModelDir, memory: u64) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(plan)?);
-    hasher.update(sha256_file(&dir.path.join(MANIFEST_FILE))?);
+    hasher.update(dir.manifest_sha256()?);
     hasher.update(format!("{memory} {}", env!("CARGO_PKG_VERSION")));
     Ok(format!("{:x}", hasher.finalize()))
 }
@@ -207,90 +206,4 @@ fn check_finite(plan: &Plan, rows: &[Row]) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn sha256_file(path: &std::path::Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(format!("{:x}", Sha256::digest(bytes)))
-}
-
-fn provenance(exp: &Experiment, plan: &Plan, dir: &ModelDir, passes: u64, seconds: f64) -> Result<Vec<u8>> {
-    let rt = runtime::ensure(false)?;
-    let seeds: Vec<serde_json::Value> = plan
-        .variants
-        .iter()
-        .map(|v| serde_json::json!({"variant": v.label, "corruption": format!("{:?}", v.corruption_kind)}))
-        .collect();
-    let json = serde_json::json!({
-        "patchbay_version": env!("CARGO_PKG_VERSION"),
-        "onnxruntime_version": runtime::version(&rt.library),
-        "device": exp.model.device.name(),
-        "model": {
-            "directory": dir.path.display().to_string(),
-            "manifest_sha256": sha256_file(&dir.path.join(MANIFEST_FILE))?,
-            "source_sha256": dir.manifest.source.sha256,
-        },
-        "experiment": {
-            "file": exp.source.display().to_string(),
-            "sha256": sha256_file(&exp.source)?,
-        },
-        "corruptions_and_seeds": seeds,
-        "counts": {
-            "clean_runs": plan.counts.clean_runs,
-            "corrupted_runs": plan.counts.corrupted_runs,
-            "patched_runs_planned": plan.counts.patched_runs,
-            "patched_passes_run": passes,
-        },
-        // Not part of the results: reruns differ only here.
-        "wall_seconds": (seconds * 10.0).round() / 10.0,
-    });
-    Ok((serde_json::to_string_pretty(&json)? + "\n").into_bytes())
-}
-
-/// The terminal summary: per variant the clean and corrupted metric and the top components,
-/// then the expectations.
-pub fn summary(outcome: &Outcome) -> String {
-    use std::fmt::Write as _;
-    let plan = &outcome.plan;
-    let mut s = String::new();
-    let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.work.passes, outcome.seconds);
-    for (v, variant) in plan.variants.iter().enumerate() {
-        let _ = writeln!(s, "\n{} ({} prompts)", variant.label, variant.prompts.len());
-        for (m, metric) in plan.metrics.iter().enumerate() {
-            let rows: Vec<&Row> = outcome.rows.iter().filter(|r| r.variant == v && !r.summation).collect();
-            let Some(first) = rows.first() else { continue };
-            let c = &first.cells[m];
-            let corrupted = c.corrupted.map_or("-".to_string(), |x| format!("{x:.4}"));
-            let _ = write!(s, "  {}: clean {:.4}, corrupted {corrupted}; largest |effect|:", metric.name, c.clean);
-            // By size: in the noise direction the components that matter most are negative.
-            let size = |r: &Row| r.cells[m].value.map_or(-1.0, f64::abs);
-            let mut ranked = rows.clone();
-            ranked.sort_by(|a, b| size(b).total_cmp(&size(a)));
-            for r in ranked.iter().take(3) {
-                let value = r.cells[m].value.map_or("-".to_string(), |x| format!("{x:.3}"));
-                let _ = write!(s, " {} {} {value},", r.target, r.component);
-            }
-            s.pop();
-            s.push('\n');
-        }
-    }
-    if !outcome.verdicts.is_empty() {
-        let _ = writeln!(s, "\nexpectations:");
-        for verdict in &outcome.verdicts {
-            let _ = writeln!(
-                s,
-                "  {} line {}: {}",
-                if verdict.holds { "holds" } else { "FAILS" },
-                verdict.line,
-                verdict.text
-            );
-            for d in &verdict.details {
-                let _ = writeln!(s, "      {d}");
-            }
-        }
-    }
-    for path in &outcome.written {
-        let _ = writeln!(s, "wrote {}", path.display());
-    }
-    s
 }

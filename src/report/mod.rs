@@ -1,0 +1,64 @@
+//! Stage 5: a run's results written for people and programs: the CSV (one row per variant and
+//! component), the per-prompt CSV, the provenance sidecar, and the terminal summary. Every file
+//! is written to a temporary file in its folder and renamed into place, so a crash never leaves
+//! a truncated result.
+
+pub mod csv;
+pub mod provenance;
+pub mod summary;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+use crate::ir::experiment::Experiment;
+use crate::run::{self, Outcome, RunOptions};
+
+/// A run whose outputs are written.
+pub struct Report {
+    pub outcome: Outcome,
+    pub written: Vec<PathBuf>,
+}
+
+/// `patchbay run` for one checked experiment: run it, write its outputs, then drop the run's
+/// checkpoints (kept until the outputs are safely written, so an interrupted run resumes).
+pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
+    let mut outcome = run::run(exp, opts)?;
+    let written = write(exp, &outcome)?;
+    outcome.complete()?;
+    Ok(Report { outcome, written })
+}
+
+/// Write the outputs the experiment names; the paths written, in order.
+fn write(exp: &Experiment, outcome: &Outcome) -> Result<Vec<PathBuf>> {
+    let mut written = vec![];
+    if let Some(path) = &exp.outputs.csv {
+        write_atomic(path, &csv::csv(&outcome.plan, &outcome.rows)?)?;
+        written.push(path.clone());
+        let sidecar = path.with_extension("provenance.json");
+        write_atomic(&sidecar, &provenance::provenance(exp, outcome)?)?;
+        written.push(sidecar);
+    }
+    if let Some(path) = &exp.outputs.per_prompt {
+        write_atomic(path, &csv::per_prompt_csv(&outcome.plan, &outcome.rows)?)?;
+        written.push(path.clone());
+    }
+    Ok(written)
+}
+
+/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write {}: {e}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! The summary `patchbay run` prints: per variant the clean and corrupted metric and the
+//! components with the largest effects, then the expectations and the files written.
+
+use std::path::PathBuf;
+
+use crate::run::results::Row;
+use crate::run::Outcome;
+
+/// The terminal summary: per variant the clean and corrupted metric and the top components,
+/// then the expectations.
+pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
+    use std::fmt::Write as _;
+    let plan = &outcome.plan;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.work.passes, outcome.seconds);
+    for (v, variant) in plan.variants.iter().enumerate() {
+        let _ = writeln!(s, "\n{} ({} prompts)", variant.label, variant.prompts.len());
+        for (m, metric) in plan.metrics.iter().enumerate() {
+            let rows: Vec<&Row> = outcome.rows.iter().filter(|r| r.variant == v && !r.summation).collect();
+            let Some(first) = rows.first() else { continue };
+            let c = &first.cells[m];
+            let corrupted = c.corrupted.map_or("-".to_string(), |x| format!("{x:.4}"));
+            let _ = write!(s, "  {}: clean {:.4}, corrupted {corrupted}; largest |effect|:", metric.name, c.clean);
+            // By size: in the noise direction the components that matter most are negative.
+            let size = |r: &Row| r.cells[m].value.map_or(-1.0, f64::abs);
+            let mut ranked = rows.clone();
+            ranked.sort_by(|a, b| size(b).total_cmp(&size(a)));
+            for r in ranked.iter().take(3) {
+                let value = r.cells[m].value.map_or("-".to_string(), |x| format!("{x:.3}"));
+                let _ = write!(s, " {} {} {value},", r.target, r.component);
+            }
+            s.pop();
+            s.push('\n');
+        }
+    }
+    if !outcome.verdicts.is_empty() {
+        let _ = writeln!(s, "\nexpectations:");
+        for verdict in &outcome.verdicts {
+            let _ = writeln!(
+                s,
+                "  {} line {}: {}",
+                if verdict.holds { "holds" } else { "FAILS" },
+                verdict.line,
+                verdict.text
+            );
+            for d in &verdict.details {
+                let _ = writeln!(s, "      {d}");
+            }
+        }
+    }
+    for path in written {
+        let _ = writeln!(s, "wrote {}", path.display());
+    }
+    s
+}
