@@ -13,6 +13,20 @@ pub struct Encoded {
     pub tokens: Vec<String>,
 }
 
+impl Encoded {
+    /// The inclusive token indices covering the bytes `start..end` of the text (None: no token).
+    pub fn token_span(&self, start: usize, end: usize) -> Option<(usize, usize)> {
+        let hits: Vec<usize> = self
+            .offsets
+            .iter()
+            .enumerate()
+            .filter(|(_, (s, e))| e > s && *s < end && *e > start)
+            .map(|(i, _)| i)
+            .collect();
+        Some((*hits.first()?, *hits.last()?))
+    }
+}
+
 impl Tok {
     pub fn new(inner: Tokenizer) -> Tok {
         Tok { inner }

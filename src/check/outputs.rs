@@ -1,0 +1,21 @@
+//! How the experiment runs and where its results go: `batch`, `output`, `per_prompt`, `report`.
+
+use super::checker::Checker;
+use super::error::CheckError;
+use crate::ir::experiment::Outputs;
+
+impl Checker<'_> {
+    /// The batch size, and the output paths (relative to the file that names them).
+    pub fn outputs(&mut self) {
+        self.batch_size = match self.defs.batch {
+            Some(b) if !(1..=4096).contains(&b.node) => {
+                self.errors.push(CheckError::BatchOutOfRange.at(&b.span));
+                32
+            }
+            Some(b) => b.node as usize,
+            None => 32,
+        };
+        let out = |i: usize| self.defs.outputs[i].map(|s| s.span.file.dir().join(&s.node));
+        self.outputs = Outputs { csv: out(0), per_prompt: out(1), report: out(2) };
+    }
+}
