@@ -69,7 +69,7 @@ fuzz_target!(|data: &[u8]| {
     let has_model = ast.statements.iter().any(|s| matches!(s.kind, StatementKind::Model { .. }));
     let source = if has_model { text.to_string() } else { format!("model \"model\"\n{text}") };
     std::fs::write(exp, source).unwrap();
-    match patchbay::check::check_file(exp, Some("cpu")) {
+    match patchbay::check::check_file(exp, None) {
         Ok(_) => {}
         Err(diagnostics) => render(&diagnostics),
     }
