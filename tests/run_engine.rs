@@ -116,7 +116,7 @@ fn fast_path_matches_reference_executor() {
         );
         assert_rows_close(&fast.rows, &reference.rows);
         let peer = run_file(&file, Executor::PerComponent);
-        assert_eq!(peer.work, reference.work);
+        assert_eq!((peer.work.passes, peer.work.layer_tokens), (reference.work.passes, reference.work.layer_tokens));
         assert_rows_close(&peer.rows, &reference.rows);
     }
 }
@@ -134,6 +134,19 @@ fn cuda_fast_path_matches_cpu_reference() {
         assert_eq!(cuda.plan.device.name(), "cuda");
         assert_rows_close(&cuda.rows, &run_file(&file, Executor::Reference).rows);
     }
+}
+
+/// `batch N` caps the passes per ONNX Runtime call; the numbers stay the same.
+#[test]
+fn batch_caps_passes_per_call() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\npatch heads = attn.hook_z layers all heads all\nmetric ld = logit_diff normalized\n";
+    let free = run_file(&setup(tmp.path(), Architecture::Llama, body), Executor::Fast);
+    let capped = run_file(&setup(tmp.path(), Architecture::Llama, &format!("{body}batch 2\n")), Executor::Fast);
+    assert!(free.work.largest_call > 2, "{:?}", free.work);
+    assert_eq!(capped.work.largest_call, 2);
+    assert_eq!(capped.work.passes, free.work.passes);
+    assert_rows_close(&capped.rows, &free.rows);
 }
 
 fn find<'a>(outcome: &'a run::Outcome, variant: &str, target: &str, component: &str) -> &'a Row {

@@ -2,13 +2,13 @@
 //! far, and the diagnostics found. Each phase is a method in the module of its concept.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::collect::Definitions;
 use super::tok::Tok;
 use crate::diag::{Diagnostic, Span};
 use crate::ir::experiment::*;
-use crate::syntax::ast::{Ast, Ident};
+use crate::syntax::ast::{self, Ast, Ident, Pool, PoolSource, Spanned, StatementKind};
 
 /// A pool's values and where it was defined.
 #[derive(Clone)]
@@ -48,7 +48,7 @@ pub struct Checker<'a> {
     pub datasets: Vec<Built>,
     pub patches: Vec<PatchTarget>,
     pub expectations: Vec<Expectation>,
-    pub batch_size: usize,
+    pub batch_size: Option<usize>,
     pub outputs: Outputs,
 }
 
@@ -80,7 +80,7 @@ impl<'a> Checker<'a> {
             datasets: Vec::new(),
             patches: Vec::new(),
             expectations: Vec::new(),
-            batch_size: 32,
+            batch_size: None,
             outputs: Outputs::default(),
         }
     }
@@ -122,7 +122,27 @@ impl<'a> Checker<'a> {
             sweep: self.sweep,
             expectations: self.expectations,
             outputs: self.outputs,
+            inputs: input_files(self.ast),
             warnings: self.warnings,
         })
     }
+}
+
+/// Every file the experiment read besides itself: included files, pool files and prompt files,
+/// each once, sorted.
+fn input_files(ast: &Ast) -> Vec<PathBuf> {
+    let mut files = std::collections::BTreeSet::new();
+    for st in &ast.statements {
+        let named = |s: &Spanned<String>| s.span.file.dir().join(&s.node);
+        if st.included {
+            files.insert(st.span.file.path.clone());
+        }
+        match &st.kind {
+            StatementKind::Include(target) => files.insert(named(target)),
+            StatementKind::Pool(Pool { source: PoolSource::File(f), .. }) => files.insert(named(f)),
+            StatementKind::Dataset(ast::Dataset { file: Some(f), .. }) => files.insert(named(f)),
+            _ => false,
+        };
+    }
+    files.into_iter().collect()
 }

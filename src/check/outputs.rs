@@ -10,10 +10,10 @@ impl Checker<'_> {
         self.batch_size = match self.defs.batch {
             Some(b) if !(1..=4096).contains(&b.node) => {
                 self.errors.push(CheckError::BatchOutOfRange.at(&b.span));
-                32
+                None
             }
-            Some(b) => b.node as usize,
-            None => 32,
+            Some(b) => Some(b.node as usize),
+            None => None,
         };
         let out = |i: usize| self.defs.outputs[i].map(|s| s.span.file.dir().join(&s.node));
         self.outputs = Outputs { csv: out(0), per_prompt: out(1), report: out(2) };

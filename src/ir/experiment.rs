@@ -13,8 +13,9 @@ pub struct Experiment {
     pub name: String,
     pub source: PathBuf,
     pub model: Model,
-    /// Prompts per engine batch (`batch N`; default 32).
-    pub batch_size: usize,
+    /// At most this many passes per ONNX Runtime call (`batch N`); `None`: as many as the
+    /// memory budget allows.
+    pub batch_size: Option<usize>,
     pub datasets: Vec<Dataset>,
     pub corruptions: Vec<Corruption>,
     pub patches: Vec<PatchTarget>,
@@ -22,6 +23,8 @@ pub struct Experiment {
     pub sweep: Sweep,
     pub expectations: Vec<Expectation>,
     pub outputs: Outputs,
+    /// Every file read besides the experiment file: includes, pool files, prompt files.
+    pub inputs: Vec<PathBuf>,
     /// Warnings found while checking (the experiment is still valid).
     #[serde(skip)]
     pub warnings: Vec<Diagnostic>,

@@ -14,7 +14,9 @@ pub struct Plan {
     pub model_dir: std::path::PathBuf,
     pub n_layers: usize,
     pub device: Device,
-    pub batch_size: usize,
+    /// At most this many passes per ONNX Runtime call (`batch N`); `None`: as many as the
+    /// memory budget allows.
+    pub batch_size: Option<usize>,
     pub variants: Vec<Variant>,
     pub metrics: Vec<PlanMetric>,
     pub expectations: Vec<Expectation>,
@@ -91,7 +93,6 @@ pub struct Counts {
     pub clean_runs: u64,
     pub corrupted_runs: u64,
     pub patched_runs: u64,
-    pub batches: u64,
     /// Patched runs weighted by the fraction of layers they recompute (start late).
     pub layer_fraction_runs: f64,
     /// One forward pass per patch, re-running clean and corrupted per variant and target.
@@ -255,12 +256,27 @@ impl fmt::Display for Plan {
             }
             writeln!(
                 f,
-                "  forward passes: {} clean + {} corrupted + {} patched in {} batch(es) of {}; naive one pass per patch: {}",
-                v.counts.clean_runs, v.counts.corrupted_runs, v.counts.patched_runs, v.counts.batches, self.batch_size, v.counts.naive_runs
+                "  forward passes: {} clean + {} corrupted + {} patched; naive one pass per patch: {}",
+                v.counts.clean_runs, v.counts.corrupted_runs, v.counts.patched_runs, v.counts.naive_runs
             )?;
         }
         let c = &self.counts;
-        writeln!(f, "\ntotal forward passes: {} ({} clean + {} corrupted, each run once and cached; {} patched in {} batch(es))", c.total(), c.clean_runs, c.corrupted_runs, c.patched_runs, c.batches)?;
+        writeln!(
+            f,
+            "\ntotal forward passes: {} ({} clean + {} corrupted, each run once and cached; {} patched)",
+            c.total(),
+            c.clean_runs,
+            c.corrupted_runs,
+            c.patched_runs
+        )?;
+        match self.batch_size {
+            Some(b) => {
+                writeln!(f, "  patched passes per ONNX Runtime call: at most {b} (`batch`), within the memory budget")?
+            }
+            None => {
+                writeln!(f, "  patched passes per ONNX Runtime call: as many as the memory budget (`--memory`) allows")?
+            }
+        }
         writeln!(
             f,
             "  starting patched runs at their first patched layer: {:.1} full-pass equivalents",

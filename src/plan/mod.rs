@@ -135,7 +135,6 @@ pub fn plan(exp: &Experiment) -> Plan {
                 }
                 let reps = n * samples;
                 counts.patched_runs = reps * patches.len() as u64;
-                counts.batches = counts.patched_runs.div_ceil(exp.batch_size as u64);
                 counts.layer_fraction_runs = patches
                     .iter()
                     .map(|p| {
@@ -146,7 +145,6 @@ pub fn plan(exp: &Experiment) -> Plan {
                 counts.naive_runs = reps * patches.len() as u64
                     + exp.sweep.patches.len() as u64 * (n + if c.kind.is_ablation() { 0 } else { n * samples });
                 total.patched_runs += counts.patched_runs;
-                total.batches += counts.batches;
                 total.layer_fraction_runs += counts.layer_fraction_runs;
                 total.naive_runs += counts.naive_runs;
                 cache_bytes = cache_bytes.max(cache_estimate(exp, ds, &patches, c, dir));

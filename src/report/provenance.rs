@@ -35,6 +35,11 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             "file": exp.source.display().to_string(),
             "sha256": sha256_file(&exp.source)?,
         },
+        "inputs": exp
+            .inputs
+            .iter()
+            .map(|path| Ok(serde_json::json!({"file": path.display().to_string(), "sha256": sha256_file(path)?})))
+            .collect::<Result<Vec<_>>>()?,
         "corruptions_and_seeds": seeds,
         "counts": {
             "clean_runs": plan.counts.clean_runs,

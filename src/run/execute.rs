@@ -137,6 +137,10 @@ pub fn fast(
                      batch: &mut Vec<segments::Row>,
                      patched: &mut Vec<Vec<Vec<Vec<f64>>>>|
      -> Result<()> {
+        // The last flush finds nothing when the passes filled whole batches.
+        if batch.is_empty() {
+            return Ok(());
+        }
         let number = batch_number;
         batch_number += 1;
         if let Some(entries) = log.as_mut().and_then(|l| l.completed(number)) {
@@ -160,7 +164,7 @@ pub fn fast(
         for row in batch.iter() {
             let layers = n_layers - row.start.saturating_sub(1);
             let tokens = if suffix { row.ids.len() - row.from } else { row.ids.len() };
-            work += Work { passes: 1, layer_tokens: (layers * tokens) as u64 };
+            work += Work::pass(layers * tokens, batch.len());
         }
         progress(batch.len() as u64);
         batch.clear();
@@ -244,7 +248,7 @@ pub fn per_component(setup: &Setup, engine: &mut Engine, progress: &dyn Fn(u64))
             }
         }
         for pass in &passes {
-            work += Work { passes: 1, layer_tokens: (engine.n_layers * pass.ids.len()) as u64 };
+            work += Work::pass(engine.n_layers * pass.ids.len(), passes.len());
         }
         progress(passes.len() as u64);
     }
@@ -293,10 +297,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
                 let (pass, _) = setup.patched_pass(run, p, &base, base_acts, &source);
                 let logits = engine.run(&[pass], false)?.remove(0).logits;
                 *values = setup.values(&logits, p, &dataset.clean_lp[p]);
-                work += Work {
-                    passes: 1,
-                    layer_tokens: (engine.n_layers * setup.variant.prompts[p].clean_ids.len()) as u64,
-                };
+                work += Work::pass(engine.n_layers * setup.variant.prompts[p].clean_ids.len(), 1);
             }
         }
     }

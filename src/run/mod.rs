@@ -137,7 +137,8 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         let values: VariantValues = match model {
             Model::Segments(model) => {
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
-                let rows_per_call = rows_per_call(&dir, variant, opts.memory_bytes);
+                let fits = rows_per_call(&dir, variant, opts.memory_bytes);
+                let rows_per_call = plan.batch_size.map_or(fits, |cap| fits.min(cap));
                 let mut log = run_folder.as_ref().map(|f| f.variant(v)).transpose()?;
                 execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))?
             }

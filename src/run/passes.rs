@@ -28,18 +28,28 @@ pub struct VariantValues {
     pub work: Work,
 }
 
-/// Patched work done: passes run (no-ops skipped), and the transformer layers they computed
-/// times their tokens (a pass that starts late computes fewer layers).
+/// Patched work done: passes run (no-ops skipped), the transformer layers they computed times
+/// their tokens (a pass that starts late computes fewer layers), and the most passes one ONNX
+/// Runtime call ran.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Work {
     pub passes: u64,
     pub layer_tokens: u64,
+    pub largest_call: u64,
+}
+
+impl Work {
+    /// One pass of `layer_tokens`, run in a call of `call` passes.
+    pub fn pass(layer_tokens: usize, call: usize) -> Work {
+        Work { passes: 1, layer_tokens: layer_tokens as u64, largest_call: call as u64 }
+    }
 }
 
 impl std::ops::AddAssign for Work {
     fn add_assign(&mut self, other: Work) {
         self.passes += other.passes;
         self.layer_tokens += other.layer_tokens;
+        self.largest_call = self.largest_call.max(other.largest_call);
     }
 }
 

@@ -176,6 +176,9 @@ impl Segments {
 
     /// Run `rows` as one call: each enters at its `start` segment.
     pub fn run(&mut self, rows: &[Row], capture: bool) -> Result<Vec<Output>> {
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
         // Rows in order of their start: the active rows are always a prefix of this order.
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&i| rows[i].start);
