@@ -136,6 +136,23 @@ fn cuda_fast_path_matches_cpu_reference() {
     }
 }
 
+/// The provenance sidecar names every file the experiment read, with its sha256.
+#[test]
+fn provenance_hashes_included_and_data_files() {
+    use sha2::Digest as _;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("metrics.bay"), "metric p = prob\n").unwrap();
+    let body = "include \"metrics.bay\"\ncorruption s2_io = replace S2 with IO\npatch r = hook_resid_pre layers 0\noutput \"out/r.csv\"\n";
+    run_file(&setup(tmp.path(), Architecture::Llama, body), Executor::Fast);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out/r.provenance.json")).unwrap()).unwrap();
+    let inputs = json["inputs"].as_array().unwrap();
+    assert_eq!(inputs.len(), 1, "{json}");
+    assert!(inputs[0]["file"].as_str().unwrap().ends_with("metrics.bay"));
+    let expected = format!("{:x}", sha2::Sha256::digest(b"metric p = prob\n"));
+    assert_eq!(inputs[0]["sha256"], expected.as_str());
+}
+
 /// `batch N` caps the passes per ONNX Runtime call; the numbers stay the same.
 #[test]
 fn batch_caps_passes_per_call() {
