@@ -160,8 +160,10 @@ pub(crate) fn align_right<T: Copy, S: Copy>(
     src_shape: &[usize],
     put: impl Fn(&mut T, S) + Copy,
 ) {
-    if dst_shape.is_empty() {
-        put(&mut dst[0], src[0]);
+    // Equal shapes (most tensors: all prompts of a length) are one flat pass, not a recursion
+    // per element.
+    if dst_shape == src_shape {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| put(d, s));
         return;
     }
     let offset = dst_shape[0] - src_shape[0];
@@ -174,8 +176,8 @@ pub(crate) fn align_right<T: Copy, S: Copy>(
 
 /// The inverse of [`align_right`]: the trailing corner of `src` into `dst`.
 pub(crate) fn crop_right<T: Copy>(dst: &mut [T], dst_shape: &[usize], src: &[T], src_shape: &[usize]) {
-    if dst_shape.is_empty() {
-        dst[0] = src[0];
+    if dst_shape == src_shape {
+        dst.copy_from_slice(&src[..dst.len()]);
         return;
     }
     let offset = src_shape[0] - dst_shape[0];

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use crate::ir::experiment::Position;
-use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
+use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction, MetricKind};
 use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, EMBED_HOOK};
@@ -141,7 +141,9 @@ impl<'a> Setup<'a> {
 
     /// Every metric of one run.
     pub(crate) fn values(&self, logits: &[f32], p: usize, clean_log_probs: &[f64]) -> Vec<f64> {
-        let lp = metrics::log_probs(logits);
+        // The log-softmax over the vocabulary costs an exp per token; logit differences skip it.
+        let needs_log_probs = self.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff);
+        let lp = if needs_log_probs { metrics::log_probs(logits) } else { vec![] };
         let prompt = &self.variant.prompts[p];
         let r = Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(Answer::ids), clean_log_probs };
         self.metrics.iter().map(|m| metrics::value(m.kind, logits, &lp, &r)).collect()
