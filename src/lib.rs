@@ -1,10 +1,13 @@
 //! patchbay: a compiler and runner for declarative activation-patching experiments.
 //!
-//! Stages, one module each: [`syntax`] (pest grammar -> AST with spans), [`check`] (names,
-//! ranges and tokenisation resolved against the model; miette diagnostics), [`plan`] (datasets,
-//! sweeps and targets expanded into an execution plan). Beside them: [`import`] (checkpoints ->
-//! model directory), [`onnx`] (graph building and surgery), [`runtime`] (ONNX Runtime),
-//! [`model`] (the model-directory contract and a pure-Rust reference forward pass).
+//! Stages, one module each, each depending only on those before it: [`syntax`] (pest grammar ->
+//! AST with spans), [`check`] (names, ranges and tokenisation resolved against the model; miette
+//! diagnostics), [`plan`] (datasets, sweeps and targets expanded into an execution plan),
+//! [`run`] (the plan executed through ONNX Runtime), [`report`] (CSVs, provenance, summary). The
+//! IRs between them live in [`ir`]. Below them: [`model`] (the model-directory contract and a
+//! pure-Rust reference forward pass), [`onnx`] (graph building and surgery), [`runtime`] (ONNX
+//! Runtime), [`import`] (checkpoints -> model directory), and the leaves [`diag`], [`error`],
+//! [`cache`]. `tests/layering.rs` holds the order.
 
 pub mod cache;
 pub mod check;

@@ -1,5 +1,6 @@
-//! Stage 4: execute an experiment's [`Plan`] against its model directory and write the results
-//! (spec/language.md says what `run` does).
+//! Stage 4: execute an experiment's [`Plan`] against its model directory: the rows of every
+//! variant and the expectations (spec/language.md says what `run` does; the report stage writes
+//! the files).
 
 pub mod engine;
 pub mod execute;
@@ -85,7 +86,8 @@ impl Outcome {
     }
 }
 
-/// Run a checked experiment: every variant, its rows, the expectations, the output files.
+/// Run a checked experiment: every variant, its rows and the expectations. The output files are
+/// the report stage's (`report::run_and_write`).
 pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let started = Instant::now();
     let plan = plan::plan(exp);
