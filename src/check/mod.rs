@@ -5,7 +5,7 @@
 //! checked (STR must keep the token count), hooks, layers, heads and positions are checked
 //! against the manifest. Every problem found is reported, not only the first.
 //!
-//! [`check`] drives a [`checker::Checker`] through one phase per concept, each a method in the
+//! [`check`] drives a `Checker` through one phase per concept, each a method in the
 //! module of its concept; every diagnostic is a [`error::CheckError`].
 
 mod answers;

@@ -57,14 +57,14 @@ impl std::ops::AddAssign for Work {
 pub struct Setup<'a> {
     pub variant: &'a Variant,
     pub metrics: &'a [PlanMetric],
-    /// The engine's patchable hooks (= [`hooks`]) with their shapes.
+    /// The engine's patchable hooks (the variant's `captures`) with their shapes.
     pub hooks: Vec<(String, Vec<Dim>)>,
     /// The (query) position axis of each hook's unbatched shape.
     pos_axis: Vec<usize>,
 }
 
 impl<'a> Setup<'a> {
-    /// `hooks`: the forward pass's patchable hooks (= [`hooks`] of the variant) with shapes.
+    /// `hooks`: the forward pass's patchable hooks (the variant's `captures`) with shapes.
     pub fn new(variant: &'a Variant, metrics: &'a [PlanMetric], hooks: Vec<(String, Vec<Dim>)>) -> Setup<'a> {
         let pos_axis = hooks
             .iter()

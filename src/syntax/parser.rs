@@ -1,5 +1,5 @@
 //! The pest parser: statements parsed one by one, with recovery after syntax errors so that
-//! every broken statement is reported; [`lower`](super::lower) turns each parse tree into AST.
+//! every broken statement is reported; `lower` turns each parse tree into AST.
 
 use std::sync::Arc;
 

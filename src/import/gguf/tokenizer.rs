@@ -220,7 +220,7 @@ fn word_level(file: &GgufFile) -> Result<Value> {
 }
 
 /// Tokenizer metadata for a word-level vocabulary (token strings by id), as
-/// [`crate::test_support::gguf_writer::canonical_to_gguf`] writes it. The vocabulary must contain `<unk>`.
+/// `test_support::gguf_writer::canonical_to_gguf` writes it. The vocabulary must contain `<unk>`.
 /// All tokens are plain words, so the tokenizer equals the one `synth` writes for Hugging Face
 /// folders (WordLevel, Whitespace, no added tokens).
 pub fn word_level_metadata(vocab: &[String]) -> Result<Vec<(String, MetaValue)>> {
