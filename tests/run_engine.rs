@@ -406,3 +406,29 @@ fn killed_run_resumes_to_identical_results() {
     assert_eq!(std::fs::read(tmp.path().join("out/r.csv")).unwrap(), expected);
     assert_eq!(std::fs::read(tmp.path().join("out/p.csv")).unwrap(), expected_prompts);
 }
+
+/// A model directory whose graph cannot be cut to suffix positions (here: a manifest that maps
+/// no `hook_q`, as a hand-made directory might) runs its segments over all positions, and the fast
+/// path still equals the reference executor.
+#[test]
+fn full_position_segments_match_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\ncorruption gn = noise on S2 samples 2 seed 7\npatch heads = attn.hook_z layers all heads all\npatch resid = hook_resid_pre layers all positions each\nmetric ld = logit_diff normalized\nmetric kl = kl\nsweep { direction: [denoise, noise] }\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    let manifest_path = tmp.path().join("model/patchbay.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["hooks"].as_object_mut().unwrap().retain(|name, _| !name.ends_with("attn.hook_q"));
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let dir = patchbay::model::ModelDir::open(&tmp.path().join("model")).unwrap();
+    let segments = patchbay::run::segments::Segments::new(
+        &dir,
+        &["blocks.1.attn.hook_z".to_string()],
+        patchbay::runtime::Device::Cpu,
+    )
+    .unwrap();
+    assert!(!segments.suffix, "without hook_q the suffix cut must not apply");
+    let fast = run_file(&file, Executor::Fast);
+    let reference = run_file(&file, Executor::Reference);
+    assert!(fast.work.passes < reference.work.passes, "no-ops are still skipped");
+    assert_rows_close(&fast.rows, &reference.rows);
+}
