@@ -47,6 +47,14 @@ fn run_file_on(file: &Path, executor: Executor, device: &str) -> run::Outcome {
     patchbay::report::run_and_write(&exp, &RunOptions { executor, ..RunOptions::default() }).unwrap().outcome
 }
 
+/// Whether the fast path's layer segments of the model in `<dir>/model` compute only the positions
+/// from the first changed one on.
+fn uses_suffix_segments(dir: &Path) -> bool {
+    let model = patchbay::model::ModelDir::open(&dir.join("model")).unwrap();
+    let hooks = ["blocks.1.attn.hook_z".to_string()];
+    patchbay::run::segments::Segments::new(&model, &hooks, patchbay::runtime::Device::Cpu).unwrap().suffix
+}
+
 /// Every cell of `a` equals `b`'s within 1e-4 (absolute on normalised values, relative on raw).
 fn assert_rows_close(a: &[Row], b: &[Row]) {
     assert_eq!(a.len(), b.len());
@@ -99,14 +107,7 @@ fn fast_path_matches_reference_executor() {
         let tmp = tempfile::tempdir().unwrap();
         let file = setup(tmp.path(), arch, ALL_KINDS);
         // Imported models get suffix segments (only positions from the first changed one on).
-        let dir = patchbay::model::ModelDir::open(&tmp.path().join("model")).unwrap();
-        let segments = patchbay::run::segments::Segments::new(
-            &dir,
-            &["blocks.1.attn.hook_z".to_string()],
-            patchbay::runtime::Device::Cpu,
-        )
-        .unwrap();
-        assert!(segments.suffix, "{arch:?}");
+        assert!(uses_suffix_segments(tmp.path()), "{arch:?}");
         let fast = run_file(&file, Executor::Fast);
         let reference = run_file(&file, Executor::Reference);
         assert!(fast.work.passes < reference.work.passes, "no-ops are skipped");
@@ -419,14 +420,7 @@ fn full_position_segments_match_reference() {
     let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
     manifest["hooks"].as_object_mut().unwrap().retain(|name, _| !name.ends_with("attn.hook_q"));
     std::fs::write(&manifest_path, manifest.to_string()).unwrap();
-    let dir = patchbay::model::ModelDir::open(&tmp.path().join("model")).unwrap();
-    let segments = patchbay::run::segments::Segments::new(
-        &dir,
-        &["blocks.1.attn.hook_z".to_string()],
-        patchbay::runtime::Device::Cpu,
-    )
-    .unwrap();
-    assert!(!segments.suffix, "without hook_q the suffix cut must not apply");
+    assert!(!uses_suffix_segments(tmp.path()), "without hook_q the suffix cut must not apply");
     let fast = run_file(&file, Executor::Fast);
     let reference = run_file(&file, Executor::Reference);
     assert!(fast.work.passes < reference.work.passes, "no-ops are still skipped");
