@@ -154,6 +154,20 @@ fn provenance_hashes_included_and_data_files() {
     assert_eq!(inputs[0]["sha256"], expected.as_str());
 }
 
+/// An output path that names a folder is refused before any compute (no checkpoints started).
+#[test]
+fn an_output_that_is_a_folder_is_refused_before_compute() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body =
+        "corruption s2_io = replace S2 with IO\npatch r = hook_resid_pre layers 0\nmetric p = prob\noutput \"out\"\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    std::fs::create_dir(tmp.path().join("out")).unwrap();
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let e = format!("{:#}", patchbay::report::run_and_write(&exp, &RunOptions::default()).err().unwrap());
+    assert!(e.contains("exists and is not a file"), "{e}");
+    assert!(!tmp.path().join("out.run").exists());
+}
+
 /// `batch N` caps the passes per ONNX Runtime call; the numbers stay the same.
 #[test]
 fn batch_caps_passes_per_call() {

@@ -421,6 +421,18 @@ pub struct Outputs {
     pub report: Option<PathBuf>,
 }
 
+impl Outputs {
+    /// The provenance sidecar beside the CSV: `<output>.provenance.json`.
+    pub fn provenance(&self) -> Option<PathBuf> {
+        self.csv.as_ref().map(|csv| csv.with_extension("provenance.json"))
+    }
+
+    /// Every file a run writes.
+    pub fn files(&self) -> impl Iterator<Item = PathBuf> + '_ {
+        [self.csv.clone(), self.provenance(), self.per_prompt.clone()].into_iter().flatten()
+    }
+}
+
 /// A token position as the experiment names it; the plan resolves it per prompt.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

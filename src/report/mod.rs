@@ -33,10 +33,9 @@ pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
 /// Write the outputs the experiment names; the paths written, in order.
 fn write(exp: &Experiment, outcome: &Outcome) -> Result<Vec<PathBuf>> {
     let mut written = vec![];
-    if let Some(path) = &exp.outputs.csv {
+    if let (Some(path), Some(sidecar)) = (&exp.outputs.csv, exp.outputs.provenance()) {
         write_atomic(path, &csv::csv(&outcome.plan, &outcome.rows)?)?;
         written.push(path.clone());
-        let sidecar = path.with_extension("provenance.json");
         write_atomic(&sidecar, &provenance::provenance(exp, outcome)?)?;
         written.push(sidecar);
     }

@@ -1,4 +1,5 @@
-//! The lock beside a run's output: two runs never write the same files.
+//! The lock beside a run's output (two runs never write the same files), and the check that the
+//! output paths can be written, both before any compute.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -47,5 +48,17 @@ fn process_alive(pid: i32) -> bool {
 impl Drop for Lock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// An output file the run will write must not already be something else (a folder, a device):
+/// found out before any compute, not after.
+pub fn check_output(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => bail_fixable!(
+            "the output {} exists and is not a file", path.display();
+            help: "name a file path for `output` / `per_prompt` (e.g. \"results/run.csv\")"
+        ),
+        _ => Ok(()),
     }
 }

@@ -94,6 +94,9 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let dir = ModelDir::open(&exp.model.dir)?;
     let device = exp.model.device;
     // Outputs are checked (and locked) before any compute.
+    for path in exp.outputs.files() {
+        lock::check_output(&path)?;
+    }
     let lock = exp.outputs.csv.as_deref().map(lock::Lock::take).transpose()?;
     runtime::ensure(false)?;
     // Checkpoints of completed batches, for the fast path writing an output.
