@@ -136,7 +136,7 @@ impl CheckError {
                                models folder); spec/language.md shows a complete experiment"
                 .into(),
             MissingModel { .. } | BadManifest { .. } | BadTokenizer { .. } => MODEL_HELP.into(),
-            BatchOutOfRange => "batch is the number of prompts per engine batch (default 32), e.g. `batch 64`".into(),
+            BatchOutOfRange => "batch caps the patched passes per ONNX Runtime call (default: as many as `--memory` allows), e.g. `batch 64`".into(),
             MissingFile { path, failure, .. } => failure.help(path),
             EmptyPool => "list at least one value: `[\" Mary\", \" John\"]`".into(),
             EmptyPoolFile { path, .. } => {
