@@ -64,7 +64,8 @@ fn predict_cli_csv() {
 }
 
 /// `patchbay run` on SmolLM2 (a few prompts, a few layers): the fast executor agrees with the
-/// reference executor, and denoising the whole first residual stream restores the clean run.
+/// reference executor, and denoising the whole first residual stream restores the clean run;
+/// with KL (the whole vocabulary unembedded), then with logit differences only (the answers').
 #[test]
 fn smollm2_patching_fast_path_matches_reference() {
     fast_path_on_matches_cpu_reference("cpu");
@@ -79,6 +80,12 @@ fn smollm2_patching_on_cuda_matches_cpu_reference() {
 }
 
 fn fast_path_on_matches_cpu_reference(device: &str) {
+    for metrics in ["metric ld = logit_diff normalized\nmetric kl = kl", "metric ld = logit_diff normalized"] {
+        fast_path_matches_cpu_reference(device, metrics);
+    }
+}
+
+fn fast_path_matches_cpu_reference(device: &str, metrics: &str) {
     runtime::ensure(true).unwrap();
     let model = demo::ensure_demo_model(true).unwrap();
     let tmp = tempfile::tempdir().unwrap();
@@ -102,8 +109,7 @@ corruption gn = noise on S2 samples 2 seed 7
 patch heads = attn.hook_z layers [20, 29] heads [0, 4]
 patch resid = hook_resid_pre layers [0, 15] positions [S2, end]
 patch first = hook_resid_pre layers 0
-metric ld = logit_diff normalized
-metric kl = kl
+{metrics}
 sweep {{ direction: [denoise, noise] }}
 "#,
             model.path.display()

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use patchbay::import::{self, ImportOptions};
 use patchbay::model::Architecture;
-use patchbay::run::{self, results::Row, Executor, RunOptions};
+use patchbay::run::{self, results::Row, segments::Segments, Executor, RunOptions};
 use patchbay::test_support::synth::{self, WeightDtype};
 
 /// A tiny model of `arch` imported into `<dir>/model`, and an experiment file using it.
@@ -52,7 +52,7 @@ fn run_file_on(file: &Path, executor: Executor, device: &str) -> run::Outcome {
 fn uses_suffix_segments(dir: &Path) -> bool {
     let model = patchbay::model::ModelDir::open(&dir.join("model")).unwrap();
     let hooks = ["blocks.1.attn.hook_z".to_string()];
-    patchbay::run::segments::Segments::new(&model, &hooks, patchbay::runtime::Device::Cpu).unwrap().suffix
+    Segments::new(&model, &hooks, patchbay::runtime::Device::Cpu, None).unwrap().suffix
 }
 
 /// Every cell of `a` equals `b`'s within 1e-4 (absolute on normalised values, relative on raw).
@@ -119,6 +119,31 @@ fn fast_path_matches_reference_executor() {
         let peer = run_file(&file, Executor::PerComponent);
         assert_eq!((peer.work.passes, peer.work.layer_tokens), (reference.work.passes, reference.work.layer_tokens));
         assert_rows_close(&peer.rows, &reference.rows);
+    }
+}
+
+/// When every metric is a logit difference, the fast path unembeds only the answers and wrong
+/// answers; the values stay the reference executor's (which unembeds the whole vocabulary).
+#[test]
+fn logit_differences_unembed_only_their_tokens() {
+    let body = r#"
+corruption s2_io = replace S2 with IO
+patch heads = attn.hook_z layers all heads all
+patch resid = hook_resid_pre layers all positions each
+metric ld = logit_diff normalized
+metric raw = logit_diff
+sweep { direction: [denoise, noise] }
+"#;
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = setup(tmp.path(), arch, body);
+        let model = patchbay::model::ModelDir::open(&tmp.path().join("model")).unwrap();
+        let hooks = ["blocks.1.attn.hook_z".to_string()];
+        let segments = Segments::new(&model, &hooks, patchbay::runtime::Device::Cpu, Some(&[7, 3, 7])).unwrap();
+        assert_eq!(segments.tokens_read(), Some(&[3, 7][..]), "{arch:?}");
+        let fast = run_file(&file, Executor::Fast);
+        let reference = run_file(&file, Executor::Reference);
+        assert_rows_close(&fast.rows, &reference.rows);
     }
 }
 

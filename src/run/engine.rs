@@ -11,6 +11,7 @@ use ort::value::Tensor as OrtTensor;
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
 use crate::run::graph;
+use crate::run::readout::Logits;
 use crate::runtime::{self, Batch, Device};
 
 /// A patch of one hook in one pass: `value` where `mask` is set, the run's own value elsewhere.
@@ -32,7 +33,7 @@ pub struct Pass {
 /// What a pass returns.
 pub struct Output {
     /// Logits at the final position.
-    pub logits: Vec<f32>,
+    pub logits: Logits,
     /// The captured hooks (after patching), unpadded, in the engine's `captured` order.
     pub captures: Vec<Tensor>,
     /// The residual stream between layers (see [`crate::run::segments`]); empty from the
@@ -47,6 +48,8 @@ pub struct Engine {
     pub patchable: Vec<(String, Vec<Dim>)>,
     /// Hooks a capturing pass returns.
     pub captured: Vec<(String, Vec<Dim>)>,
+    /// The graph output each captured hook is read from.
+    capture_outputs: Vec<String>,
     pub n_layers: usize,
 }
 
@@ -63,6 +66,10 @@ impl Engine {
             capture_session: runtime::session_from_proto(&capture_graph, &dir.path, device)?,
             patchable: patchable.iter().map(shape).collect::<Result<_>>()?,
             captured: captured.iter().map(shape).collect::<Result<_>>()?,
+            capture_outputs: captured
+                .iter()
+                .map(|h| graph::capture_output(&dir.manifest, patchable, h))
+                .collect::<Result<_>>()?,
             n_layers: dir.manifest.config.n_layers,
         })
     }
@@ -118,14 +125,14 @@ impl Engine {
         let vocab = *logit_shape.last().expect("logits have a vocabulary axis");
         let mut outputs: Vec<Output> = (0..b)
             .map(|row| Output {
-                logits: logits[row * vocab..(row + 1) * vocab].to_vec(),
+                logits: Logits::vocabulary(logits[row * vocab..(row + 1) * vocab].to_vec()),
                 captures: vec![],
                 boundaries: vec![],
             })
             .collect();
         if capture {
-            for (hook, dims) in &self.captured {
-                let (shape, data) = extract(&graph::capture_output(hook))?;
+            for ((_, dims), output) in self.captured.iter().zip(&self.capture_outputs) {
+                let (shape, data) = extract(output)?;
                 let row_len: usize = shape[1..].iter().product();
                 for (row, out) in outputs.iter_mut().enumerate() {
                     let own = concrete(dims, None, passes[row].ids.len());

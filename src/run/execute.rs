@@ -20,6 +20,7 @@ use crate::model::EMBED_HOOK;
 use crate::run::engine::{Engine, HookPatch, Output, Pass};
 use crate::run::metrics;
 use crate::run::passes::{Runs, Setup, VariantValues, Work};
+use crate::run::readout::Logits;
 use crate::run::resume::VariantLog;
 use crate::run::segments::{self, Segments};
 
@@ -96,7 +97,19 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
         corrupted_logits.clear();
     }
     let means = setup.means(&clean_acts)?;
-    let clean_lp = clean_logits.iter().map(|l| metrics::log_probs(l)).collect();
+    // log P_clean, for `kl`; only whole-vocabulary logits have one.
+    let clean_lp = clean_logits
+        .iter()
+        .map(
+            |l: &Logits| {
+                if setup.needs_log_probs() {
+                    l.full().map(metrics::log_probs).unwrap_or_default()
+                } else {
+                    vec![]
+                }
+            },
+        )
+        .collect();
     Ok(Runs {
         clean_logits,
         clean_lp,
@@ -120,87 +133,95 @@ pub fn fast(
     progress: &dyn Fn(u64),
 ) -> Result<VariantValues> {
     let runs = cached_runs(setup, model, rows)?;
-    let n = setup.variant.prompts.len();
-    let samples = setup.samples();
+    let (n, samples) = (setup.variant.prompts.len(), setup.samples());
     // [run][prompt][sample] -> metric values (logits are read and dropped: a sweep's logits
     // would not fit in memory)
     let mut patched: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    let mut pending: Vec<(usize, usize, usize)> = vec![];
-    let mut batch: Vec<segments::Row> = vec![];
-    let mut work = Work::default();
-    // Segments: the embedding, one per layer, the unembedding.
-    let n_layers = model.len() - 2;
-    let suffix = model.suffix;
-    // Batches are numbered in their fixed order, the key of the checkpoint.
-    let mut batch_number = 0u64;
-    let mut flush = |pending: &mut Vec<(usize, usize, usize)>,
-                     batch: &mut Vec<segments::Row>,
-                     patched: &mut Vec<Vec<Vec<Vec<f64>>>>|
-     -> Result<()> {
-        // The last flush finds nothing when the passes filled whole batches.
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let number = batch_number;
-        batch_number += 1;
-        if let Some(entries) = log.as_mut().and_then(|l| l.completed(number)) {
-            for (r, p, s, values) in entries {
-                patched[r][p][s] = values;
-            }
-            progress(batch.len() as u64);
-            pending.clear();
-            batch.clear();
-            return Ok(());
-        }
-        let mut entries = Vec::with_capacity(batch.len());
-        for ((r, p, s), out) in pending.drain(..).zip(model.run(batch, false)?) {
-            let values = setup.values(&out.logits, p, &runs.clean_lp[p]);
-            patched[r][p][s] = values.clone();
-            entries.push((r, p, s, values));
-        }
-        if let Some(log) = log.as_mut() {
-            log.record(number, &entries)?;
-        }
-        for row in batch.iter() {
-            let layers = n_layers - row.start.saturating_sub(1);
-            let tokens = if suffix { row.ids.len() - row.from } else { row.ids.len() };
-            work += Work::pass(layers * tokens, batch.len());
-        }
-        progress(batch.len() as u64);
-        batch.clear();
-        Ok(())
-    };
-    for (r, run) in setup.variant.patches.iter().enumerate() {
+    // Every pass that changes something, with where it enters and how many positions it
+    // computes. No-ops are settled here: their result is the base run's.
+    let mut items: Vec<Item> = vec![];
+    for (r, (run, run_values)) in setup.variant.patches.iter().zip(patched.iter_mut()).enumerate() {
         // Start late: nothing before the first patched layer changes.
         let start = run.hooks.iter().map(|h| segments::segment_of(h)).min().unwrap_or(0);
-        for p in 0..n {
-            for s in 0..samples {
+        for (p, prompt_values) in run_values.iter_mut().enumerate() {
+            for (s, values) in prompt_values.iter_mut().enumerate() {
                 let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
-                let (pass, from) = setup.patched_pass(run, p, &base, base_acts, &source);
-                let Some(from) = from else {
-                    patched[r][p][s] = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
-                    progress(1);
-                    continue;
-                };
-                // The base run's own patches before `start` (noised embeddings) are already in
-                // the residual stream it left at `start`.
-                let patches: Vec<HookPatch> = pass
-                    .patches
-                    .into_iter()
-                    .filter(|x| segments::segment_of(&setup.hooks[x.hook].0) >= start)
-                    .collect();
-                let resid = (start > 0).then(|| base_bounds(&runs, setup, p, s)[start - 1].clone());
-                let base = Some(base_captures(&runs, setup, p, s).clone());
-                batch.push(segments::Row { ids: pass.ids, patches, start, resid, from, base });
-                pending.push((r, p, s));
-                if batch.len() >= rows {
-                    flush(&mut pending, &mut batch, &mut patched)?;
+                match setup.patched_pass(run, p, &base, base_acts, &source).1 {
+                    Some(from) => {
+                        let span = model.positions_computed(base.ids.len(), from);
+                        items.push(Item { run: r, prompt: p, sample: s, start, span });
+                    }
+                    None => {
+                        *values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
+                        progress(1);
+                    }
                 }
             }
         }
     }
-    flush(&mut pending, &mut batch, &mut patched)?;
+    // A call computes its longest pass's positions for every pass in it: passes of one span
+    // are batched together, and within a span by start, so passes join as the call reaches them.
+    items.sort_by_key(|i| (i.span, i.start));
+    // Segments: the embedding, one per layer, the unembedding.
+    let n_layers = model.len() - 2;
+    let mut work = Work::default();
+    // Batches are numbered in this fixed order, the key of their checkpoints.
+    for (number, chunk) in items.chunks(rows.max(1)).enumerate() {
+        let number = number as u64;
+        if let Some(entries) = log.as_mut().and_then(|l| l.completed(number)) {
+            for (r, p, s, values) in entries {
+                patched[r][p][s] = values;
+            }
+            progress(chunk.len() as u64);
+            continue;
+        }
+        let batch: Vec<segments::Row> = chunk.iter().map(|item| patched_row(setup, &runs, item)).collect();
+        let mut entries = Vec::with_capacity(chunk.len());
+        for (item, out) in chunk.iter().zip(model.run(&batch, false)?) {
+            let values = setup.values(&out.logits, item.prompt, &runs.clean_lp[item.prompt]);
+            patched[item.run][item.prompt][item.sample] = values.clone();
+            entries.push((item.run, item.prompt, item.sample, values));
+        }
+        if let Some(log) = log.as_mut() {
+            log.record(number, &entries)?;
+        }
+        for item in chunk {
+            let layers = n_layers - item.start.saturating_sub(1);
+            work += Work::pass(layers * item.span, chunk.len());
+        }
+        progress(chunk.len() as u64);
+    }
     Ok(setup.collect(&runs, &patched, work))
+}
+
+/// The segments' row of a queued pass: its patches from its start segment on, and the base
+/// run's residual stream there and keys and values.
+fn patched_row(setup: &Setup, runs: &Runs, item: &Item) -> segments::Row {
+    let (r, p, s, start) = (item.run, item.prompt, item.sample, item.start);
+    let (base, base_acts, source) = setup.base_and_source(runs, p, s);
+    let (pass, from) = setup.patched_pass(&setup.variant.patches[r], p, &base, base_acts, &source);
+    // The base run's own patches before `start` (noised embeddings) are already in the
+    // residual stream it left at `start`.
+    let patches: Vec<HookPatch> =
+        pass.patches.into_iter().filter(|x| segments::segment_of(&setup.hooks[x.hook].0) >= start).collect();
+    segments::Row {
+        ids: pass.ids,
+        patches,
+        start,
+        resid: (start > 0).then(|| base_bounds(runs, setup, p, s)[start - 1].clone()),
+        from: from.expect("only passes that change something are queued"),
+        base: Some(base_captures(runs, setup, p, s).clone()),
+    }
+}
+
+/// A patched pass to run: (patch run, prompt, sample), the segment it enters at, and the
+/// positions it computes.
+struct Item {
+    run: usize,
+    prompt: usize,
+    sample: usize,
+    start: usize,
+    span: usize,
 }
 
 /// Everything the base run of prompt `p`, sample `s` captured (its keys and values included).
@@ -219,7 +240,7 @@ fn base_bounds<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r [Ar
     }
 }
 
-fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Vec<f32> {
+fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Logits {
     match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
         (Direction::Denoise, false) => &runs.corrupted_logits[p][s],
         _ => &runs.clean_logits[p],
@@ -270,7 +291,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine) -> Result<VariantValues> {
             for (s, values) in prompt_values.iter_mut().enumerate() {
                 // This prompt's runs, recomputed; the other prompts' slots stay empty.
                 let mut fresh = Runs {
-                    clean_logits: vec![vec![]; n],
+                    clean_logits: vec![Logits::default(); n],
                     clean_lp: vec![],
                     clean_acts: (0..n).map(|_| Arc::new(vec![])).collect(),
                     corrupted_logits: vec![vec![]; n],

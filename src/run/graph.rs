@@ -18,9 +18,19 @@ pub const LAST_LOGITS: &str = "patchbay.last_logits";
 /// The final residual stream at the last position, which the unembedding reads.
 pub const LAST_RESID: &str = "patchbay.last_resid";
 
-/// The output a captured hook is exposed as.
-pub fn capture_output(hook: &str) -> String {
-    format!("capture.{hook}")
+/// The tensor a captured hook is read from, itself a graph output (an intermediate tensor made an
+/// output is handed over without a copy). A patched hook is captured after its patch: what the
+/// rest of the graph saw.
+pub fn capture_output(manifest: &Manifest, patchable: &[String], hook: &str) -> Result<String> {
+    if patchable.iter().any(|h| h == hook) {
+        return Ok(patched(hook));
+    }
+    Ok(manifest.hooks.get(hook).ok_or_else(|| anyhow!("the manifest has no hook `{hook}`"))?.tensor.clone())
+}
+
+/// The value of a patchable hook after its patch.
+fn patched(hook: &str) -> String {
+    format!("patchbay.patched.{hook}")
 }
 
 pub fn mask_input(hook: &str) -> String {
@@ -65,27 +75,19 @@ pub fn build(model: ModelProto, manifest: &Manifest, patchable: &[String], captu
     for hook in patchable {
         let spec = manifest.hooks.get(hook).ok_or_else(|| anyhow!("the manifest has no hook `{hook}`"))?;
         let tensor = &spec.tensor;
-        let patched = format!("patchbay.patched.{hook}");
+        let patched = patched(hook);
         rewire(graph, tensor, &patched);
         let (mask, value) = (mask_input(hook), value_input(hook));
         graph.input.push(tensor_info(&mask, data_type::BOOL, &spec.shape));
         graph.input.push(tensor_info(&value, data_type::FLOAT, &spec.shape));
         graph.node.push(node("Where", &[&mask, &value, tensor], &patched, None));
     }
-    let outputs: Vec<String> = captured
-        .iter()
-        .map(|hook| {
-            let spec = manifest.hooks.get(hook).ok_or_else(|| anyhow!("the manifest has no hook `{hook}`"))?;
-            // A patched hook is captured after its patch: what the rest of the graph saw.
-            let name = capture_output(hook);
-            let source =
-                if patchable.contains(hook) { format!("patchbay.patched.{hook}") } else { spec.tensor.clone() };
-            graph.node.push(node("Identity", &[&source], &name, None));
-            Ok(name)
-        })
-        .collect::<Result<_>>()?;
-    for name in &outputs {
-        graph.output.push(tensor_info(name, data_type::FLOAT, &[]));
+    for hook in captured {
+        let name = capture_output(manifest, patchable, hook)?;
+        // Two hooks may name one tensor.
+        if !graph.output.iter().any(|o| o.name == name) {
+            graph.output.push(tensor_info(&name, data_type::FLOAT, &[]));
+        }
     }
     // Nodes must stay topologically sorted: move every node after the producers of its inputs.
     sort_topologically(graph)?;

@@ -1,6 +1,7 @@
 //! Metrics read from the final position's logits (spec/language.md, "metric"), in f64.
 
 use crate::ir::experiment::MetricKind;
+use crate::run::readout::Logits;
 
 /// What a prompt's metrics read besides the run's own logits.
 pub struct Readout<'a> {
@@ -19,8 +20,8 @@ pub fn log_probs(logits: &[f32]) -> Vec<f64> {
 }
 
 /// M(run) for one metric.
-pub fn value(kind: MetricKind, logits: &[f32], log_probs: &[f64], r: &Readout) -> f64 {
-    let logit_sum = |ids: &[u32]| ids.iter().map(|&i| logits[i as usize] as f64).sum::<f64>();
+pub fn value(kind: MetricKind, logits: &Logits, log_probs: &[f64], r: &Readout) -> f64 {
+    let logit_sum = |ids: &[u32]| ids.iter().map(|&i| logits.get(i) as f64).sum::<f64>();
     let prob_sum = |ids: &[u32]| ids.iter().map(|&i| log_probs[i as usize].exp()).sum::<f64>();
     let wrong = || r.wrong.as_deref().expect("the checker requires `wrong` for this metric");
     match kind {
@@ -52,7 +53,8 @@ mod tests {
         let lp = log_probs(&logits);
         let clean = log_probs(&[0.0, 0.0, 0.0, 0.0]);
         let r = Readout { answer: vec![1], wrong: Some(vec![0, 2]), clean_log_probs: &clean };
-        let v = |k| value(k, &logits, &lp, &r);
+        let full = Logits::vocabulary(logits.to_vec());
+        let v = |k| value(k, &full, &lp, &r);
         assert!((v(MetricKind::Prob) - 0.4).abs() < 1e-7);
         assert!((v(MetricKind::LogProb) - 0.4f64.ln()).abs() < 1e-7);
         assert!((v(MetricKind::LogitDiff) - (2f64.ln() - 0.0)).abs() < 1e-6);
@@ -60,7 +62,7 @@ mod tests {
         // KL(uniform || q) = sum 1/4 (ln 1/4 - ln q)
         let kl: f64 = [0.2, 0.4, 0.2, 0.2].iter().map(|q: &f64| 0.25 * (0.25f64.ln() - q.ln())).sum();
         assert!((v(MetricKind::Kl) + kl).abs() < 1e-7);
-        let same = value(MetricKind::Kl, &[0.0; 4], &clean, &r);
+        let same = value(MetricKind::Kl, &Logits::vocabulary(vec![0.0; 4]), &clean, &r);
         assert_eq!(same, 0.0);
     }
 }

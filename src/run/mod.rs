@@ -10,6 +10,7 @@ pub mod lock;
 pub mod metrics;
 pub mod noise;
 pub mod passes;
+pub mod readout;
 pub mod results;
 pub mod resume;
 pub mod segments;
@@ -22,7 +23,7 @@ use crate::bail_fixable;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::ir::experiment::Experiment;
+use crate::ir::experiment::{Experiment, MetricKind};
 use crate::ir::plan::Plan;
 use crate::model::ModelDir;
 use crate::plan;
@@ -133,7 +134,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         if current.as_ref().is_none_or(|(h, _)| *h != hooks) {
             drop(current.take());
             let model = match opts.executor {
-                Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device)?),
+                Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device, tokens_read(&plan).as_deref())?),
                 Executor::Reference | Executor::PerComponent => Model::Full(Engine::new(&dir, &hooks, &hooks, device)?),
             };
             current = Some((hooks, model));
@@ -167,13 +168,27 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     Ok(Outcome { plan, model: dir, rows, verdicts, work, seconds, lock, run_folder })
 }
 
+/// Every token whose logit a metric of `plan` reads, when the metrics read nothing else (logit
+/// differences: the answers and wrong answers); `None` when a metric needs the vocabulary.
+fn tokens_read(plan: &Plan) -> Option<Vec<u32>> {
+    if plan.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff) {
+        return None;
+    }
+    let prompts = plan.variants.iter().flat_map(|v| &v.prompts);
+    Some(prompts.flat_map(|p| p.answer.ids().into_iter().chain(p.wrong.iter().flat_map(|w| w.ids()))).collect())
+}
+
+/// How the fast path orders passes into numbered batches; a checkpoint names its batch by number,
+/// so a change to the order must start runs afresh.
+const BATCH_ORDER: u32 = 2;
+
 /// What a run's checkpoints depend on: the plan (prompts, corruptions, runs, metrics), the
 /// model, the batching, and this patchbay.
 fn run_key(plan: &Plan, dir: &ModelDir, memory: u64) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(plan)?);
     hasher.update(dir.manifest_sha256()?);
-    hasher.update(format!("{memory} {}", env!("CARGO_PKG_VERSION")));
+    hasher.update(format!("{memory} {} {BATCH_ORDER}", env!("CARGO_PKG_VERSION")));
     Ok(format!("{:x}", hasher.finalize()))
 }
 

@@ -15,6 +15,7 @@ use crate::model::{Dim, EMBED_HOOK};
 use crate::run::engine::{concrete, HookPatch, Pass};
 use crate::run::metrics::{self, Readout};
 use crate::run::noise::{noise_sd, noised};
+use crate::run::readout::Logits;
 
 /// Metric values of one variant: `[metric][prompt]`, noise samples already averaged.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,11 +140,20 @@ impl<'a> Setup<'a> {
         mask
     }
 
+    /// Whether a metric reads more than a few logits: probabilities need the log-softmax over
+    /// the whole vocabulary (an exp per token), logit differences do not.
+    pub(crate) fn needs_log_probs(&self) -> bool {
+        self.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff)
+    }
+
     /// Every metric of one run.
-    pub(crate) fn values(&self, logits: &[f32], p: usize, clean_log_probs: &[f64]) -> Vec<f64> {
-        // The log-softmax over the vocabulary costs an exp per token; logit differences skip it.
-        let needs_log_probs = self.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff);
-        let lp = if needs_log_probs { metrics::log_probs(logits) } else { vec![] };
+    pub(crate) fn values(&self, logits: &Logits, p: usize, clean_log_probs: &[f64]) -> Vec<f64> {
+        let lp = match (self.needs_log_probs(), logits.full()) {
+            (false, _) => vec![],
+            (true, Some(full)) => metrics::log_probs(full),
+            // The engine unembeds only some tokens when every metric is a logit difference.
+            (true, None) => unreachable!("probabilities need the whole vocabulary's logits"),
+        };
         let prompt = &self.variant.prompts[p];
         let r = Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(Answer::ids), clean_log_probs };
         self.metrics.iter().map(|m| metrics::value(m.kind, logits, &lp, &r)).collect()
@@ -172,13 +182,13 @@ fn head_axis(dims: &[Dim]) -> Option<usize> {
 
 /// The cached clean and corrupted runs of a variant.
 pub(crate) struct Runs {
-    pub(crate) clean_logits: Vec<Vec<f32>>,
+    pub(crate) clean_logits: Vec<Logits>,
     /// log P_clean per prompt (what `kl` compares with).
     pub(crate) clean_lp: Vec<Vec<f64>>,
     /// `[prompt][hook]`.
     pub(crate) clean_acts: Vec<Arc<Vec<Tensor>>>,
     /// `[prompt][sample]`; empty for ablations.
-    pub(crate) corrupted_logits: Vec<Vec<Vec<f32>>>,
+    pub(crate) corrupted_logits: Vec<Vec<Logits>>,
     /// `[prompt][sample][hook]`.
     pub(crate) corrupted_acts: Vec<Vec<Arc<Vec<Tensor>>>>,
     /// `[prompt][sample]`.
@@ -309,7 +319,7 @@ impl Setup<'_> {
     }
 
     /// `[metric][prompt]` from each prompt's runs (noise samples averaged).
-    pub(crate) fn per_prompt(&self, logits: &[Vec<&Vec<f32>>], clean_lp: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    pub(crate) fn per_prompt(&self, logits: &[Vec<&Logits>], clean_lp: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let mut out = vec![vec![0f64; logits.len()]; self.metrics.len()];
         for (p, samples) in logits.iter().enumerate() {
             for l in samples {
@@ -324,9 +334,9 @@ impl Setup<'_> {
     /// `patched`: `[run][prompt][sample]` -> every metric of that patched pass.
     pub(crate) fn collect(&self, runs: &Runs, patched: &[Vec<Vec<Vec<f64>>>], work: Work) -> VariantValues {
         let clean_lp = &runs.clean_lp;
-        let clean: Vec<Vec<&Vec<f32>>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
+        let clean: Vec<Vec<&Logits>> = runs.clean_logits.iter().map(|l| vec![l]).collect();
         let corrupted = (!runs.corrupted_logits.is_empty()).then(|| {
-            let logits: Vec<Vec<&Vec<f32>>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
+            let logits: Vec<Vec<&Logits>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
             self.per_prompt(&logits, clean_lp)
         });
         let patched = patched

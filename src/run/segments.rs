@@ -9,9 +9,10 @@
 //! so even a pass that recomputes only the last layers rides in a full batch.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
-use ort::session::Session;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
 use ort::value::Tensor as OrtTensor;
 
 use crate::model::checkpoint::Tensor;
@@ -19,6 +20,7 @@ use crate::model::{Dim, ModelDir};
 use crate::onnx::proto::{data_type, GraphProto, ModelProto};
 use crate::run::engine::{align_right, concrete, crop_right, HookPatch, Output};
 use crate::run::graph;
+use crate::run::readout::{self, Logits};
 use crate::runtime::{self, Batch, Device};
 
 /// One pass through the segments.
@@ -42,6 +44,9 @@ pub struct Row {
 
 struct Segment {
     session: Session,
+    /// A patched (non-capturing) call asks for the segment's main output only: the captures
+    /// (every layer's keys and values) would be copied out for nothing.
+    main_output_only: RunOptions<HasSelectedOutputs>,
     /// Graph inputs of the segment among `input_ids`, `position_ids`, `attention_mask`.
     token_inputs: Vec<String>,
     /// Indices (into `patchable`) of the hooks patched in this segment.
@@ -64,6 +69,8 @@ pub struct Segments {
     pub captured: Vec<(String, Vec<Dim>)>,
     /// Whether layer segments compute only the positions from the first changed one on.
     pub suffix: bool,
+    /// The tokens the unembedding computes logits for (`None`: the whole vocabulary).
+    reads: Option<Arc<[u32]>>,
     d_model: usize,
 }
 
@@ -76,8 +83,10 @@ pub fn segment_of(hook: &str) -> usize {
 }
 
 impl Segments {
-    /// `hooks` are patchable; they and every layer's keys and values are captured.
-    pub fn new(dir: &ModelDir, hooks: &[String], device: Device) -> Result<Segments> {
+    /// `hooks` are patchable; they and every layer's keys and values are captured. With
+    /// `tokens`, every call returns the logits of those tokens only (see [`readout`]), when the
+    /// graph's unembedding allows it.
+    pub fn new(dir: &ModelDir, hooks: &[String], device: Device, tokens: Option<&[u32]>) -> Result<Segments> {
         let manifest = &dir.manifest;
         let mut captured_names: Vec<String> = hooks.to_vec();
         for l in 0..manifest.config.n_layers {
@@ -112,18 +121,30 @@ impl Segments {
                 .collect()
         };
         let (patchable, captured) = (shapes(hooks)?, shapes(&captured_names)?);
+        let mut reads: Option<Arc<[u32]>> = tokens.map(|t| {
+            let mut sorted = t.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            sorted.into()
+        });
         let mut parts = vec![];
         for k in 0..=n + 1 {
             let input = (k > 0).then(|| boundaries[k - 1].clone());
-            let output = if k <= n { boundaries[k].clone() } else { graph::LAST_LOGITS.to_string() };
+            let mut output = if k <= n { boundaries[k].clone() } else { graph::LAST_LOGITS.to_string() };
             let patched: Vec<usize> = (0..hooks.len()).filter(|&i| k <= n && segment_of(&hooks[i]) == k).collect();
             let captures: Vec<(usize, String)> = (0..captured_names.len())
                 .filter(|&i| k <= n && segment_of(&captured_names[i]) == k)
-                .map(|i| (i, graph::capture_output(&captured_names[i])))
-                .collect();
+                .map(|i| Ok((i, graph::capture_output(manifest, hooks, &captured_names[i])?)))
+                .collect::<Result<_>>()?;
             let mut outputs = vec![output.clone()];
             outputs.extend(captures.iter().map(|(_, o)| o.clone()));
-            let model = extract(&full, input.as_deref(), &outputs, manifest.config.d_model)?;
+            let mut model = extract(&full, input.as_deref(), &outputs, manifest.config.d_model)?;
+            if let (true, Some(tokens)) = (k == n + 1, &reads) {
+                match readout::read_tokens(&mut model, &output, tokens, manifest.config.vocab_size) {
+                    Some(read) => output = read,
+                    None => reads = None,
+                }
+            }
             parts.push((model, input, output, patched, captures));
         }
         // Suffix mode needs every layer segment to be converted; otherwise none is.
@@ -160,9 +181,36 @@ impl Segments {
                 [index("hook_k"), index("hook_v")]
             });
             let session = runtime::session_from_proto(&model, &dir.path, device)?;
-            segments.push(Segment { session, token_inputs, patched, captured: captures, input, output, prefix });
+            let main_output_only = RunOptions::new()
+                .map_err(|e| anyhow!("cannot create ONNX Runtime run options: {e}"))?
+                .with_outputs(OutputSelector::no_default().with(output.clone()));
+            segments.push(Segment {
+                session,
+                main_output_only,
+                token_inputs,
+                patched,
+                captured: captures,
+                input,
+                output,
+                prefix,
+            });
         }
-        Ok(Segments { segments, patchable, captured, suffix, d_model: manifest.config.d_model })
+        Ok(Segments { segments, patchable, captured, suffix, reads, d_model: manifest.config.d_model })
+    }
+
+    /// The tokens whose logits every call returns; `None` when it returns the whole vocabulary's.
+    pub fn tokens_read(&self) -> Option<&[u32]> {
+        self.reads.as_deref()
+    }
+
+    /// The positions a patched pass of a `len`-token prompt computes when its first changed
+    /// position is `from`: from there to the end in suffix mode, else all.
+    pub fn positions_computed(&self, len: usize, from: usize) -> usize {
+        if self.suffix {
+            len - from.min(len - 1)
+        } else {
+            len
+        }
     }
 
     /// The number of segments (embedding, layers, unembedding).
@@ -187,15 +235,15 @@ impl Segments {
         let pos = batch.pos;
         let d = self.d_model;
         // Positions computed: from the earliest changed one of any row to the end.
-        let span = match (self.suffix, capture) {
-            (true, false) => rows.iter().map(|r| r.ids.len() - r.from.min(r.ids.len() - 1)).max().unwrap_or(pos),
-            _ => pos,
+        let span = match capture {
+            false => rows.iter().map(|r| self.positions_computed(r.ids.len(), r.from)).max().unwrap_or(pos),
+            true => pos,
         };
         let no_captures = if capture { self.captured.len() } else { 0 };
         let mut outputs: Vec<Output> = rows
             .iter()
             .map(|_| Output {
-                logits: vec![],
+                logits: Logits::default(),
                 captures: vec![Tensor::new(vec![0], vec![]); no_captures],
                 boundaries: vec![],
             })
@@ -303,7 +351,12 @@ impl Segments {
                 inputs.push((graph::mask_input(&self.patchable[h].0), mask));
                 inputs.push((graph::value_input(&self.patchable[h].0), value));
             }
-            let result = segment.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
+            let result = if capture {
+                segment.session.run(inputs)
+            } else {
+                segment.session.run_with_options(inputs, &segment.main_output_only)
+            }
+            .map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
             let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
                 let value = result.get(name).ok_or_else(|| anyhow!("the segment has no output `{name}`"))?;
                 let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow!("output `{name}`: {e}"))?;
@@ -315,9 +368,10 @@ impl Segments {
                 data = data.chunks(pos * d).flat_map(|row| row[(pos - span) * d..].iter().copied()).collect();
             }
             if k + 1 == n_segments {
-                let vocab = *shape.last().expect("logits have a vocabulary axis");
+                let width = *shape.last().expect("logits have a vocabulary axis");
                 for (slot, &i) in order[..b].iter().enumerate() {
-                    outputs[i].logits = data[slot * vocab..(slot + 1) * vocab].to_vec();
+                    let values = data[slot * width..(slot + 1) * width].to_vec();
+                    outputs[i].logits = Logits { values, tokens: self.reads.clone() };
                 }
                 break;
             }

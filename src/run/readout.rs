@@ -1,0 +1,109 @@
+//! Unembedding only the tokens the metrics read. A logit difference reads a few logits of the
+//! final position (the answers and wrong answers of the dataset), yet a full unembedding costs
+//! `d_model x vocab` multiply-adds per pass: on SmolLM2 as much as ten transformer layers of one
+//! token. When every metric is a logit difference, the fast path's last segment multiplies by
+//! the rows of the unembedding matrix for those tokens only.
+
+use std::collections::HashSet;
+
+use crate::onnx::proto::{data_type, ModelProto, NodeProto, TensorProto};
+
+/// The logits of the final position that a run computed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logits {
+    pub values: Vec<f32>,
+    /// `None`: `values` covers the whole vocabulary. `Some(tokens)` (sorted): `values[i]` is the
+    /// logit of `tokens[i]`, and no other logit was computed.
+    pub tokens: Option<std::sync::Arc<[u32]>>,
+}
+
+impl Logits {
+    pub fn vocabulary(values: Vec<f32>) -> Logits {
+        Logits { values, tokens: None }
+    }
+
+    /// The logit of token `id`; NaN when the run did not compute it, so a metric that reads
+    /// beyond the tokens it declared shows up as a non-finite result, never as a wrong number.
+    pub fn get(&self, id: u32) -> f32 {
+        match &self.tokens {
+            None => self.values.get(id as usize).copied().unwrap_or(f32::NAN),
+            Some(tokens) => tokens.binary_search(&id).map_or(f32::NAN, |i| self.values[i]),
+        }
+    }
+
+    /// The whole vocabulary's logits, when they were computed.
+    pub fn full(&self) -> Option<&[f32]> {
+        self.tokens.is_none().then_some(&self.values[..])
+    }
+}
+
+/// Change `model` (the unembedding segment, whose output is `logits`) to multiply by the
+/// unembedding rows of `tokens` only. Returns the new output (`[batch, tokens]`, possibly with
+/// a unit position axis), or `None`, leaving the model as it was, when the logits do not come
+/// from a bias-free MatMul or Gemm with a `[vocab, d]` or `[d, vocab]` weight through reshapes.
+pub fn read_tokens(model: &mut ModelProto, logits: &str, tokens: &[u32], vocab: usize) -> Option<String> {
+    let mut changed = model.clone();
+    let g = changed.graph.as_mut()?;
+    let mut name = logits.to_string();
+    let product = loop {
+        let i = g.node.iter().position(|n| n.output.first() == Some(&name))?;
+        match g.node[i].op_type.as_str() {
+            "Reshape" | "Identity" => name = g.node[i].input.first()?.clone(),
+            "MatMul" | "Gemm" => break i,
+            _ => return None,
+        }
+    };
+    let node = &g.node[product];
+    let attr = |key: &str| node.attribute.iter().find(|a| a.name == key).map_or(0, |a| a.i);
+    let gemm = node.op_type == "Gemm";
+    if gemm && (attr("transA") != 0 || node.input.get(2).is_some_and(|c| !c.is_empty())) {
+        return None;
+    }
+    let weight = g.initializer.iter().find(|t| t.name == node.input[1])?;
+    let axis = match (gemm && attr("transB") != 0, weight.dims.as_slice()) {
+        (true, [v, _]) if *v as usize == vocab => 0,
+        (false, [_, v]) if *v as usize == vocab => 1,
+        _ => return None,
+    };
+    let (weight, output) = (node.input[1].clone(), node.output[0].clone());
+    let ids = "patchbay.read_tokens";
+    let rows = format!("{weight}.read");
+    g.initializer.push(TensorProto {
+        dims: vec![tokens.len() as i64],
+        data_type: data_type::INT64,
+        name: ids.into(),
+        raw_data: tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect(),
+        ..Default::default()
+    });
+    // Before the product, so the nodes stay in topological order.
+    g.node.insert(
+        product,
+        NodeProto {
+            input: vec![weight, ids.into()],
+            output: vec![rows.clone()],
+            name: format!("patchbay:readout:{rows}"),
+            op_type: "Gather".into(),
+            attribute: vec![crate::onnx::writer::attr_int("axis", axis)],
+            ..Default::default()
+        },
+    );
+    g.node[product + 1].input[1] = rows;
+    // The reshapes after the product expect the whole vocabulary: drop everything the new
+    // output does not need (ONNX Runtime runs every node of a graph).
+    let mut needed: HashSet<String> = [output.clone()].into();
+    let mut keep = vec![false; g.node.len()];
+    for (i, n) in g.node.iter().enumerate().rev() {
+        if n.output.iter().any(|o| needed.contains(o)) {
+            keep[i] = true;
+            needed.extend(n.input.iter().cloned());
+        }
+    }
+    let mut kept = keep.iter();
+    g.node.retain(|_| *kept.next().expect("one flag per node"));
+    g.initializer.retain(|t| needed.contains(&t.name));
+    g.input.retain(|i| needed.contains(&i.name));
+    let info = g.output.first()?.clone();
+    g.output = vec![crate::onnx::proto::ValueInfoProto { name: output.clone(), ..info }];
+    *model = changed;
+    Some(output)
+}
