@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use patchbay::ir::experiment::Experiment;
 use patchbay::model::ModelDir;
+use patchbay::report::page;
 use patchbay::runtime::{self, Device};
 use patchbay::{cache, demo, import, predict};
 
@@ -78,6 +79,20 @@ enum Command {
         /// Use the reference executor (one plain forward pass per component and prompt; slow).
         #[arg(long)]
         reference: bool,
+    },
+    /// Render a result CSV (and the provenance sidecar beside it) as a self-contained HTML page.
+    Report {
+        /// The `output` CSV of `patchbay run`.
+        results: PathBuf,
+        /// The folder to write to [default: the CSV's folder].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Write `<stem>.md` and the SVG files it links instead of the HTML page.
+        #[arg(long)]
+        markdown: bool,
+        /// Replace files that are not patchbay reports.
+        #[arg(long)]
+        force: bool,
     },
     /// Show the ONNX Runtime found, its execution providers, and the models available.
     Doctor,
@@ -153,6 +168,11 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 quiet: cli.quiet,
             };
             run_files(&files, device, &options)
+        }
+        Command::Report { results, out, markdown, force } => {
+            let kind = if markdown { page::Kind::Markdown } else { page::Kind::Html };
+            println!("{}", page::report_csv(&results, out.as_deref(), kind, force)?.display());
+            Ok(true)
         }
         Command::Doctor => doctor(),
     }

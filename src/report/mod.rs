@@ -1,9 +1,10 @@
 //! Stage 5: a run's results written for people and programs: the CSV (one row per variant and
-//! component), the per-prompt CSV, the provenance sidecar, and the terminal summary. Every file
-//! is written to a temporary file in its folder and renamed into place, so a crash never leaves
-//! a truncated result.
+//! component), the per-prompt CSV, the provenance sidecar, the report (HTML or Markdown, see
+//! [`page`]), and the terminal summary. Every file is written to a temporary file in its folder
+//! and renamed into place, so a crash never leaves a truncated result.
 
 pub mod csv;
+pub mod page;
 pub mod provenance;
 pub mod summary;
 
@@ -24,6 +25,11 @@ pub struct Report {
 /// `patchbay run` for one checked experiment: run it, write its outputs, then drop the run's
 /// checkpoints (kept until the outputs are safely written, so an interrupted run resumes).
 pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
+    // A report that could not be written is refused before the run, not after it.
+    if let Some(path) = &exp.outputs.report {
+        page::Kind::of(path)?;
+        page::ensure_replaceable(path, false)?;
+    }
     let mut outcome = run::run(exp, opts)?;
     let written = write(exp, &outcome)?;
     outcome.complete()?;
@@ -33,14 +39,23 @@ pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
 /// Write the outputs the experiment names; the paths written, in order.
 fn write(exp: &Experiment, outcome: &Outcome) -> Result<Vec<PathBuf>> {
     let mut written = vec![];
+    let table = csv::csv(&outcome.plan, &outcome.rows)?;
+    let sidecar_bytes = provenance::provenance(exp, outcome)?;
     if let (Some(path), Some(sidecar)) = (&exp.outputs.csv, exp.outputs.provenance()) {
-        write_atomic(path, &csv::csv(&outcome.plan, &outcome.rows)?)?;
+        write_atomic(path, &table)?;
         written.push(path.clone());
-        write_atomic(&sidecar, &provenance::provenance(exp, outcome)?)?;
+        write_atomic(&sidecar, &sidecar_bytes)?;
         written.push(sidecar);
     }
     if let Some(path) = &exp.outputs.per_prompt {
         write_atomic(path, &csv::per_prompt_csv(&outcome.plan, &outcome.rows)?)?;
+        written.push(path.clone());
+    }
+    if let Some(path) = &exp.outputs.report {
+        // Rendered from the bytes just written, as `patchbay report` would from the files.
+        let name = exp.outputs.csv.as_ref().unwrap_or(path).display().to_string();
+        let files = page::render((&table, &name), Some((&sidecar_bytes, "the provenance sidecar")), path)?;
+        page::write(&files, false)?;
         written.push(path.clone());
     }
     Ok(written)

@@ -1,10 +1,12 @@
 //! The provenance sidecar beside a run's CSV: what produced the numbers (versions, device, the
-//! model and experiment hashes, seeds, counts, wall time).
+//! model and experiment hashes, seeds, counts, wall time), and what the report needs beyond the
+//! CSV: the token text at each patched position and the expectations' verdicts.
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::ir::experiment::Experiment;
+use crate::ir::experiment::{position_label, Experiment};
+use crate::run::passes::resolve;
 use crate::run::Outcome;
 use crate::runtime;
 
@@ -41,6 +43,12 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             .map(|path| Ok(serde_json::json!({"file": path.display().to_string(), "sha256": sha256_file(path)?})))
             .collect::<Result<Vec<_>>>()?,
         "corruptions_and_seeds": seeds,
+        "positions": positions(outcome)?,
+        "expectations": outcome
+            .verdicts
+            .iter()
+            .map(|v| serde_json::json!({"line": v.line, "text": v.text, "holds": v.holds, "details": v.details}))
+            .collect::<Vec<_>>(),
         "counts": {
             "clean_runs": plan.counts.clean_runs,
             "corrupted_runs": plan.counts.corrupted_runs,
@@ -51,4 +59,32 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
         "wall_seconds": (seconds * 10.0).round() / 10.0,
     });
     Ok((serde_json::to_string_pretty(&json)? + "\n").into_bytes())
+}
+
+/// Per variant, each patched position's label, its token index in the first prompt and that
+/// token's text, so the report can label heat-map rows with tokens (the CSV has labels only).
+fn positions(outcome: &Outcome) -> Result<serde_json::Value> {
+    let tokenizer = outcome.model.tokenizer()?;
+    let text = |id: u32| match tokenizer.decode(&[id], false) {
+        Ok(s) if !s.is_empty() => s,
+        _ => tokenizer.id_to_token(id).unwrap_or_default(),
+    };
+    let mut per_variant = serde_json::Map::new();
+    for variant in &outcome.plan.variants {
+        let Some(first) = variant.prompts.first() else { continue };
+        let mut seen = vec![];
+        let mut list = vec![];
+        for position in variant.patches.iter().filter_map(|p| p.position.as_ref()) {
+            let label = position_label(position);
+            if seen.contains(&label) {
+                continue;
+            }
+            let index = resolve(position, first);
+            let token = first.clean_ids.get(index).map(|&id| text(id));
+            list.push(serde_json::json!({"label": label, "index": index, "token": token}));
+            seen.push(label);
+        }
+        per_variant.insert(variant.label.clone(), list.into());
+    }
+    Ok(per_variant.into())
 }
