@@ -94,6 +94,9 @@ pub fn ensure(install: bool) -> anyhow::Result<&'static Runtime> {
     let env = ort::init_from(&library)
         .map_err(|e| anyhow::anyhow!("cannot load ONNX Runtime from {}: {e}", library.display()))?
         .with_name("patchbay")
+        // One thread pool for every session: the engine runs a session per layer segment one
+        // after another, and per-session pools would hold (and wake) threads per segment.
+        .with_global_thread_pool(ort::environment::GlobalThreadPoolOptions::default())
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start ONNX Runtime from {}: {e}", library.display()))?;
     Ok(RUNTIME.get_or_init(|| Runtime { library, found_via, env }))
@@ -233,9 +236,6 @@ pub fn session_from_proto(
             b.with_config_entry("session.model_external_initializers_file_folder_path", weights_dir.to_string_lossy())
                 .map_err(Into::into)
         })
-        // The engine runs many sessions one after another (one per layer segment): threads left
-        // spinning by the previous session would steal the cores from the next one.
-        .and_then(|b| b.with_config_entry("session.intra_op.allow_spinning", "0").map_err(Into::into))
         .map_err(|e| anyhow::anyhow!("cannot create an ONNX Runtime session: {e}"))?;
     builder = match device {
         Device::Cuda => with_cuda(builder, rt)?,
