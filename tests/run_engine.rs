@@ -123,9 +123,10 @@ fn fast_path_matches_reference_executor() {
 }
 
 /// When every metric is a logit difference, the fast path unembeds only the answers and wrong
-/// answers; the values stay the reference executor's (which unembeds the whole vocabulary).
+/// answers, and computes the last layer's MLP at the final position only (unless a patch writes
+/// after it); the values stay the reference executor's (which computes everything).
 #[test]
-fn logit_differences_unembed_only_their_tokens() {
+fn fast_path_computes_only_what_the_metrics_read() {
     let body = r#"
 corruption s2_io = replace S2 with IO
 patch heads = attn.hook_z layers all heads all
@@ -141,6 +142,10 @@ sweep { direction: [denoise, noise] }
         let hooks = ["blocks.1.attn.hook_z".to_string()];
         let segments = Segments::new(&model, &hooks, patchbay::runtime::Device::Cpu, Some(&[7, 3, 7])).unwrap();
         assert_eq!(segments.tokens_read(), Some(&[3, 7][..]), "{arch:?}");
+        assert!(segments.final_position_only(), "{arch:?}");
+        let after = ["blocks.1.hook_mlp_out".to_string()];
+        let segments = Segments::new(&model, &after, patchbay::runtime::Device::Cpu, None).unwrap();
+        assert!(!segments.final_position_only(), "{arch:?}: a patch after the attention needs every position");
         let fast = run_file(&file, Executor::Fast);
         let reference = run_file(&file, Executor::Reference);
         assert_rows_close(&fast.rows, &reference.rows);

@@ -1,8 +1,12 @@
-//! Unembedding only the tokens the metrics read. A logit difference reads a few logits of the
-//! final position (the answers and wrong answers of the dataset), yet a full unembedding costs
-//! `d_model x vocab` multiply-adds per pass: on SmolLM2 as much as ten transformer layers of one
-//! token. When every metric is a logit difference, the fast path's last segment multiplies by
-//! the rows of the unembedding matrix for those tokens only.
+//! Computing only what the metrics read: the final position, and of it a few logits.
+//!
+//! - The metrics read the final position only, so after the last layer's attention (which needs
+//!   every position's keys and values) nothing but that position is computed: the last layer's
+//!   MLP runs on one position instead of all.
+//! - A logit difference reads a few logits (the answers and wrong answers of the dataset), yet a
+//!   full unembedding costs `d_model x vocab` multiply-adds per pass: on SmolLM2 as much as ten
+//!   transformer layers of one token. When every metric is a logit difference, the unembedding
+//!   multiplies by the rows of those tokens only.
 
 use std::collections::HashSet;
 
@@ -35,6 +39,55 @@ impl Logits {
     pub fn full(&self) -> Option<&[f32]> {
         self.tokens.is_none().then_some(&self.values[..])
     }
+}
+
+/// Change the last layer's segment `model` so that every reader of `resid_mid` (the residual
+/// stream after the attention) reads its final position only. False, leaving the model as it
+/// was, when a tensor in `keep_whole` (a patched hook, whose patch covers every position) lies
+/// downstream of it, or nothing reads it.
+pub fn last_position_after(model: &mut ModelProto, resid_mid: &str, keep_whole: &[String]) -> bool {
+    let mut changed = model.clone();
+    let Some(g) = changed.graph.as_mut() else { return false };
+    let mut downstream: HashSet<&str> = [resid_mid].into();
+    for n in &g.node {
+        if n.input.iter().any(|i| downstream.contains(i.as_str())) {
+            downstream.extend(n.output.iter().map(String::as_str));
+        }
+    }
+    if keep_whole.iter().any(|t| downstream.contains(t.as_str())) {
+        return false;
+    }
+    let last = format!("{resid_mid}.last");
+    let mut readers = 0;
+    for input in g.node.iter_mut().flat_map(|n| n.input.iter_mut()).filter(|i| *i == resid_mid) {
+        *input = last.clone();
+        readers += 1;
+    }
+    if readers == 0 {
+        return false;
+    }
+    let (start, end, axis) = ("patchbay.last.start", "patchbay.last.end", "patchbay.last.axis");
+    for (name, value) in [(start, -1i64), (end, i64::MAX), (axis, 1)] {
+        g.initializer.push(TensorProto {
+            dims: vec![1],
+            data_type: data_type::INT64,
+            name: name.into(),
+            raw_data: value.to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+    }
+    g.node.push(NodeProto {
+        input: vec![resid_mid.into(), start.into(), end.into(), axis.into()],
+        output: vec![last.clone()],
+        name: format!("patchbay:readout:{last}"),
+        op_type: "Slice".into(),
+        ..Default::default()
+    });
+    if crate::run::graph::sort_topologically(g).is_err() {
+        return false;
+    }
+    *model = changed;
+    true
 }
 
 /// Change `model` (the unembedding segment, whose output is `logits`) to multiply by the

@@ -44,6 +44,9 @@ pub struct Row {
 
 struct Segment {
     session: Session,
+    /// The last layer's segment for patched calls, computing its MLP at the final position
+    /// only (see [`readout::last_position_after`]); capturing calls need every position.
+    final_position_only: Option<Session>,
     /// A patched (non-capturing) call asks for the segment's main output only: the captures
     /// (every layer's keys and values) would be copied out for nothing.
     main_output_only: RunOptions<HasSelectedOutputs>,
@@ -181,11 +184,28 @@ impl Segments {
                 [index("hook_k"), index("hook_v")]
             });
             let session = runtime::session_from_proto(&model, &dir.path, device)?;
+            // The last layer's weights twice (one layer of n): its MLP on one position, not all.
+            let final_position_only = match k == n {
+                true => {
+                    let resid_mid = graph::capture_output(manifest, hooks, &format!("blocks.{}.hook_resid_mid", n - 1));
+                    let keep_whole: Vec<String> =
+                        patched.iter().map(|&h| manifest.hooks[&hooks[h]].tensor.clone()).collect();
+                    let mut tail = model.clone();
+                    match resid_mid {
+                        Ok(t) if readout::last_position_after(&mut tail, &t, &keep_whole) => {
+                            Some(runtime::session_from_proto(&tail, &dir.path, device)?)
+                        }
+                        _ => None,
+                    }
+                }
+                false => None,
+            };
             let main_output_only = RunOptions::new()
                 .map_err(|e| anyhow!("cannot create ONNX Runtime run options: {e}"))?
                 .with_outputs(OutputSelector::no_default().with(output.clone()));
             segments.push(Segment {
                 session,
+                final_position_only,
                 main_output_only,
                 token_inputs,
                 patched,
@@ -211,6 +231,11 @@ impl Segments {
         } else {
             len
         }
+    }
+
+    /// Whether patched calls compute the last layer's MLP at the final position only.
+    pub fn final_position_only(&self) -> bool {
+        self.segments.iter().any(|s| s.final_position_only.is_some())
     }
 
     /// The number of segments (embedding, layers, unembedding).
@@ -261,9 +286,7 @@ impl Segments {
                         .resid
                         .as_ref()
                         .ok_or_else(|| anyhow!("a pass starting at segment {k} has no residual stream"))?;
-                    let mut padded = vec![0f32; pos * d];
-                    align_right(&mut padded, &[pos, d], &cached.data, &cached.shape, |x, s| *x = s);
-                    resid.extend_from_slice(&padded[(pos - span) * d..]);
+                    push_positions(&mut resid, cached, pos, pos - span..pos);
                 }
                 active += 1;
             }
@@ -282,7 +305,12 @@ impl Segments {
             if let Some(input) = &segment.input {
                 inputs.push((
                     input.clone(),
-                    OrtTensor::from_array((vec![b as i64, span as i64, d as i64], resid.clone()))?.into_dyn(),
+                    // `span` positions, or one after a final-position-only last layer.
+                    OrtTensor::from_array((
+                        vec![b as i64, (resid.len() / (b * d)) as i64, d as i64],
+                        std::mem::take(&mut resid),
+                    ))?
+                    .into_dyn(),
                 ));
             }
             if let Some(kv) = &segment.prefix {
@@ -293,12 +321,10 @@ impl Segments {
                     let per_row: usize = full[1..].iter().product::<usize>() * (pos - span);
                     let mut data = Vec::with_capacity(b * per_row);
                     for &i in &order[..b] {
-                        let mut padded = vec![0f32; full.iter().product()];
-                        if let Some(base) = &rows[i].base {
-                            let t = &base[index];
-                            align_right(&mut padded, &full, &t.data, &t.shape, |x, s| *x = s);
+                        match &rows[i].base {
+                            Some(base) => push_positions(&mut data, &base[index], pos, 0..pos - span),
+                            None => data.resize(data.len() + per_row, 0.0),
                         }
-                        data.extend_from_slice(&padded[..per_row]);
                     }
                     let mut shape = vec![b as i64, (pos - span) as i64];
                     shape.extend(full[1..].iter().map(|&x| x as i64));
@@ -351,10 +377,10 @@ impl Segments {
                 inputs.push((graph::mask_input(&self.patchable[h].0), mask));
                 inputs.push((graph::value_input(&self.patchable[h].0), value));
             }
-            let result = if capture {
-                segment.session.run(inputs)
-            } else {
-                segment.session.run_with_options(inputs, &segment.main_output_only)
+            let result = match (capture, &mut segment.final_position_only) {
+                (true, _) => segment.session.run(inputs),
+                (false, Some(session)) => session.run_with_options(inputs, &segment.main_output_only),
+                (false, None) => segment.session.run_with_options(inputs, &segment.main_output_only),
             }
             .map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
             let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
@@ -396,6 +422,18 @@ impl Segments {
             resid = data;
         }
         Ok(outputs)
+    }
+}
+
+/// Append frame positions `range` of `t` (positions first, unbatched) right-aligned in a frame of
+/// `pos` positions: the frame's left padding reads as zeros.
+fn push_positions(out: &mut Vec<f32>, t: &Tensor, pos: usize, range: std::ops::Range<usize>) {
+    let stride: usize = t.shape[1..].iter().product();
+    let pad = pos - t.shape[0];
+    let data_from = pad.clamp(range.start, range.end);
+    out.resize(out.len() + (data_from - range.start) * stride, 0.0);
+    if data_from < range.end {
+        out.extend_from_slice(&t.data[(data_from - pad) * stride..(range.end - pad) * stride]);
     }
 }
 
