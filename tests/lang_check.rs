@@ -451,6 +451,19 @@ fn range_errors_have_help() {
     }
 }
 
+/// A report named neither `.html` nor `.md` is an error at `check`, not at the end of a run.
+#[test]
+fn report_extension() {
+    let out = diagnose(
+        &with_head(
+            "corruption s2 = replace S2 with IO\npatch r = hook_resid_pre\nmetric p = prob\nreport \"out.txt\"\n",
+        ),
+        &[],
+    );
+    assert!(out.contains("cannot tell which report to write to `out.txt`"), "{out}");
+    assert!(out.contains("patchbay::report_extension"), "{out}");
+}
+
 /// A pool whose definition failed (empty, or a missing file) does not also produce "unknown pool".
 #[test]
 fn broken_pool_no_cascade() {

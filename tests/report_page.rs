@@ -554,7 +554,7 @@ fn bad_csvs_are_refused_naming_the_problem() {
     assert!(error_of(&bad_number).contains("line 2, column `ld_clean`: `abc` is not a finite number"));
     let nan = good.replacen(",1.5,", ",NaN,", 1);
     assert!(error_of(&nan).contains("is not a finite number"));
-    let e = page::Kind::of(Path::new("r.txt")).unwrap_err().to_string();
+    let e = page::kind_of(Path::new("r.txt")).unwrap_err().to_string();
     assert!(e.contains("name the report `.html`"), "{e}");
 }
 

@@ -27,6 +27,7 @@ pub enum CheckError {
     BadManifest { error: String },
     BadTokenizer { error: String },
     BatchOutOfRange,
+    ReportExtension { file: String },
     // Files and pools.
     MissingFile { file: String, error: String, path: PathBuf, failure: ReadFailure },
     EmptyPool,
@@ -254,6 +255,7 @@ impl CheckError {
             BadManifest { .. } => "patchbay::bad_manifest",
             BadTokenizer { .. } => "patchbay::bad_tokenizer",
             BatchOutOfRange => "patchbay::batch_out_of_range",
+            ReportExtension { .. } => "patchbay::report_extension",
             MissingFile { .. } => "patchbay::missing_file",
             EmptyPool => "patchbay::empty_pool",
             EmptyPoolFile { .. } => "patchbay::empty_pool_file",
@@ -354,6 +356,7 @@ impl CheckError {
             BadManifest { error } => format!("cannot read the model's manifest: {error}"),
             BadTokenizer { error } => format!("cannot load the model's tokenizer: {error}"),
             BatchOutOfRange => "batch must be between 1 and 4096".into(),
+            ReportExtension { file } => format!("cannot tell which report to write to `{file}`"),
             MissingFile { file, .. } => format!("cannot read `{file}`"),
             EmptyPool => "the pool `[]` has no values".into(),
             EmptyPoolFile { file, .. } => format!("pool file `{file}` has no values"),

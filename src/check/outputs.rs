@@ -2,7 +2,7 @@
 
 use super::checker::Checker;
 use super::error::CheckError;
-use crate::ir::experiment::Outputs;
+use crate::ir::experiment::{Outputs, ReportKind};
 
 impl Checker<'_> {
     /// The batch size, and the output paths (relative to the file that names them).
@@ -15,6 +15,11 @@ impl Checker<'_> {
             Some(b) => Some(b.node as usize),
             None => None,
         };
+        if let Some(report) = self.defs.outputs[2] {
+            if ReportKind::of(std::path::Path::new(&report.node)).is_none() {
+                self.errors.push(CheckError::ReportExtension { file: report.node.to_string() }.at(&report.span));
+            }
+        }
         let out = |i: usize| self.defs.outputs[i].map(|s| s.span.file.dir().join(&s.node));
         self.outputs = Outputs { csv: out(0), per_prompt: out(1), report: out(2) };
     }

@@ -414,6 +414,25 @@ pub fn position_label(p: &Position) -> String {
     }
 }
 
+/// The two forms of a report, chosen by the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ReportKind {
+    /// `.html`: one self-contained page.
+    Html,
+    /// `.md`: a Markdown summary with SVG files beside it.
+    Markdown,
+}
+
+impl ReportKind {
+    pub fn of(path: &std::path::Path) -> Option<ReportKind> {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("html" | "htm") => Some(ReportKind::Html),
+            Some("md" | "markdown") => Some(ReportKind::Markdown),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
 pub struct Outputs {
     pub csv: Option<PathBuf>,

@@ -27,7 +27,7 @@ pub struct Report {
 pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
     // A report that could not be written is refused before the run, not after it.
     if let Some(path) = &exp.outputs.report {
-        page::Kind::of(path)?;
+        page::kind_of(path)?;
         page::ensure_replaceable(path, false)?;
     }
     let mut outcome = run::run(exp, opts)?;

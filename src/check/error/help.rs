@@ -22,6 +22,7 @@ impl CheckError {
             NoModel { .. } => "expected a `model` statement".into(),
             MissingModel { dir, .. } => format!("no model directory at {}", dir.display()),
             BadManifest { .. } | BadTokenizer { .. } => "this model".into(),
+            ReportExtension { .. } => "neither .html nor .md".into(),
             BatchOutOfRange | CountOutOfRange | SamplesOutOfRange | EffectThresholdNotFinite => "out of range".into(),
             MissingFile { error, .. } => error.clone(),
             EmptyPool => "empty pool".into(),
@@ -136,6 +137,7 @@ impl CheckError {
                                models folder); spec/language.md shows a complete experiment"
                 .into(),
             MissingModel { .. } | BadManifest { .. } | BadTokenizer { .. } => MODEL_HELP.into(),
+            ReportExtension { .. } => "name the report `.html` (a self-contained page) or `.md` (Markdown with SVG files beside it)".into(),
             BatchOutOfRange => "batch caps the patched passes per ONNX Runtime call (default: as many as `--memory` allows), e.g. `batch 64`".into(),
             MissingFile { path, failure, .. } => failure.help(path),
             EmptyPool => "list at least one value: `[\" Mary\", \" John\"]`".into(),

@@ -36,29 +36,22 @@ use sidecar::Sidecar;
 /// forced.
 pub const MARKER: &str = "<!-- patchbay report -->";
 
-/// The two forms of a report, chosen by the file's extension.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Html,
-    Markdown,
-}
+pub use crate::ir::experiment::ReportKind as Kind;
 
-impl Kind {
-    pub fn of(path: &Path) -> Result<Kind> {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
-            Some("html" | "htm") => Ok(Kind::Html),
-            Some("md" | "markdown") => Ok(Kind::Markdown),
-            _ => bail_fixable!(
+/// The report to write to `path`, by its extension.
+pub fn kind_of(path: &Path) -> Result<Kind> {
+    match Kind::of(path) {
+        Some(kind) => Ok(kind),
+        None => bail_fixable!(
                 "cannot tell which report to write to {}", path.display();
                 help: "name the report `.html` (a self-contained page) or `.md` (Markdown with SVG files beside it)"
-            ),
-        }
+        ),
     }
 }
 
 /// The files of the report at `target`, from a result CSV and its sidecar (names for errors).
 pub fn render(csv: (&[u8], &str), sidecar: Option<(&[u8], &str)>, target: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
-    let kind = Kind::of(target)?;
+    let kind = kind_of(target)?;
     let table = read::read(csv.0, csv.1)?;
     let sidecar = sidecar.map(|(bytes, name)| Sidecar::parse(bytes, name)).transpose()?;
     let stem = target.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
