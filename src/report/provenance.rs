@@ -44,6 +44,12 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             .collect::<Result<Vec<_>>>()?,
         "corruptions_and_seeds": seeds,
         "positions": positions(outcome)?,
+        "clean_task": plan
+            .variants
+            .iter()
+            .zip(&outcome.tasks)
+            .map(|(v, task)| serde_json::json!({"variant": v.label, "task": task}))
+            .collect::<Vec<_>>(),
         "expectations": outcome
             .verdicts
             .iter()

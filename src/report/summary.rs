@@ -15,6 +15,20 @@ pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
     let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.work.passes, outcome.seconds);
     for (v, variant) in plan.variants.iter().enumerate() {
         let _ = writeln!(s, "\n{} ({} prompts)", variant.label, variant.prompts.len());
+        // Once per dataset: its variants share the clean runs.
+        let first_of_dataset = plan.variants.iter().position(|x| x.dataset == variant.dataset) == Some(v);
+        if let (true, Some(task)) = (first_of_dataset, &outcome.tasks[v]) {
+            let _ = write!(
+                s,
+                "  clean runs: {}/{} prompts right (logit difference > 0), mean logit difference {:.3}",
+                task.correct, task.prompts, task.mean_logit_diff
+            );
+            if !task.wrong.is_empty() {
+                let list: Vec<String> = task.wrong.iter().map(usize::to_string).collect();
+                let _ = write!(s, "; wrong on prompts {}", list.join(", "));
+            }
+            s.push('\n');
+        }
         for (m, metric) in plan.metrics.iter().enumerate() {
             let rows: Vec<&Row> = outcome.rows.iter().filter(|r| r.variant == v && !r.summation).collect();
             let Some(first) = rows.first() else { continue };

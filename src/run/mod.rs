@@ -70,6 +70,8 @@ pub struct Outcome {
     pub model: ModelDir,
     pub rows: Vec<Row>,
     pub verdicts: Vec<Verdict>,
+    /// Per variant, how the model does the task on the clean prompts.
+    pub tasks: Vec<Option<passes::CleanTask>>,
     pub work: passes::Work,
     pub seconds: f64,
     lock: Option<lock::Lock>,
@@ -123,7 +125,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let mut rows = vec![];
+    let (mut rows, mut tasks) = (vec![], vec![]);
     let mut work = passes::Work::default();
     // One model at a time, rebuilt when a variant patches a different set of hooks (variants
     // of one corruption share theirs); two would hold the weights twice.
@@ -157,6 +159,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             }
         };
         work += values.work;
+        tasks.push(values.task.clone());
         let variant_rows = results::rows(&plan, v, &values);
         check_finite(&plan, &variant_rows)?;
         rows.extend(variant_rows);
@@ -165,7 +168,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let verdicts = expect::evaluate(&plan, &exp.expectations, &rows);
     let seconds = started.elapsed().as_secs_f64();
 
-    Ok(Outcome { plan, model: dir, rows, verdicts, work, seconds, lock, run_folder })
+    Ok(Outcome { plan, model: dir, rows, verdicts, tasks, work, seconds, lock, run_folder })
 }
 
 /// Every token whose logit a metric of `plan` reads, when the metrics read nothing else (logit

@@ -27,6 +27,33 @@ pub struct VariantValues {
     pub patched: Vec<Vec<Vec<f64>>>,
     /// The patched forward passes actually run.
     pub work: Work,
+    /// How the model does the task on the clean prompts (`None` without wrong answers).
+    pub task: Option<CleanTask>,
+}
+
+/// How the model does the task on a variant's clean prompts, by logit difference (answer
+/// against wrong answer): a prompt it gets wrong has no behaviour for patching to localise.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CleanTask {
+    /// Prompts whose clean logit difference is positive.
+    pub correct: usize,
+    pub prompts: usize,
+    pub mean_logit_diff: f64,
+    /// The other prompts' indices.
+    pub wrong: Vec<usize>,
+}
+
+impl CleanTask {
+    /// From each prompt's clean logit difference.
+    fn new(logit_diffs: &[f64]) -> CleanTask {
+        let wrong: Vec<usize> = (0..logit_diffs.len()).filter(|&p| logit_diffs[p] <= 0.0).collect();
+        CleanTask {
+            correct: logit_diffs.len() - wrong.len(),
+            prompts: logit_diffs.len(),
+            mean_logit_diff: logit_diffs.iter().sum::<f64>() / logit_diffs.len().max(1) as f64,
+            wrong,
+        }
+    }
 }
 
 /// Patched work done: passes run (no-ops skipped), the transformer layers they computed times
@@ -351,6 +378,20 @@ impl Setup<'_> {
                     .collect()
             })
             .collect();
-        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, work }
+        let prompts = &self.variant.prompts;
+        let task = prompts.iter().all(|p| p.wrong.is_some()).then(|| {
+            let diffs: Vec<f64> = (0..prompts.len())
+                .map(|p| {
+                    let r = Readout {
+                        answer: prompts[p].answer.ids(),
+                        wrong: prompts[p].wrong.as_ref().map(Answer::ids),
+                        clean_log_probs: &[],
+                    };
+                    metrics::value(MetricKind::LogitDiff, &runs.clean_logits[p], &[], &r)
+                })
+                .collect();
+            CleanTask::new(&diffs)
+        });
+        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, work, task }
     }
 }
