@@ -54,13 +54,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(dir: &ModelDir, patchable: &[String], captured: &[String], device: Device) -> Result<Engine> {
+    pub fn new(
+        dir: &ModelDir,
+        patchable: &[String],
+        captured: &[String],
+        unembed: graph::Unembed,
+        device: Device,
+    ) -> Result<Engine> {
         let shape = |h: &String| -> Result<(String, Vec<Dim>)> {
             let hook = dir.manifest.hooks.get(h).ok_or_else(|| anyhow!("the model has no hook `{h}`"))?;
             Ok((h.clone(), hook.shape.clone()))
         };
-        let patch_graph = graph::load(&dir.manifest, &dir.path, patchable, &[])?;
-        let capture_graph = graph::load(&dir.manifest, &dir.path, patchable, captured)?;
+        let patch_graph = graph::load(&dir.manifest, &dir.path, patchable, &[], unembed)?;
+        let capture_graph = graph::load(&dir.manifest, &dir.path, patchable, captured, unembed)?;
         Ok(Engine {
             patch_session: runtime::session_from_proto(&patch_graph, &dir.path, device)?,
             capture_session: runtime::session_from_proto(&capture_graph, &dir.path, device)?,
@@ -123,9 +129,11 @@ impl Engine {
         };
         let (logit_shape, logits) = extract(graph::LAST_LOGITS)?;
         let vocab = *logit_shape.last().expect("logits have a vocabulary axis");
+        // The final position's: the last `vocab` values of each row (rows are left-padded).
+        let row_len: usize = logit_shape[1..].iter().product();
         let mut outputs: Vec<Output> = (0..b)
             .map(|row| Output {
-                logits: Logits::vocabulary(logits[row * vocab..(row + 1) * vocab].to_vec()),
+                logits: Logits::vocabulary(logits[(row + 1) * row_len - vocab..(row + 1) * row_len].to_vec()),
                 captures: vec![],
                 boundaries: vec![],
             })

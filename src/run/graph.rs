@@ -41,33 +41,51 @@ pub fn value_input(hook: &str) -> String {
     format!("patch_value.{hook}")
 }
 
+/// Which positions a graph unembeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unembed {
+    /// The final position only, the one the metrics read.
+    LastPosition,
+    /// Every position, as peer libraries' forward passes do (for benchmarks).
+    EveryPosition,
+}
+
 /// Build the engine's graph from `model.onnx`.
 ///
 /// - `patchable`: hooks that get `patch_mask`/`patch_value` inputs;
 /// - `captured`: hooks exposed as outputs (their values after patching);
-/// - the logits of the final position only, as `LAST_LOGITS` `[batch, 1, vocab]`.
-pub fn build(model: ModelProto, manifest: &Manifest, patchable: &[String], captured: &[String]) -> Result<ModelProto> {
+/// - the logits as `LAST_LOGITS`: `[batch, 1, vocab]`, or `[batch, pos, vocab]` when `unembed`
+///   is every position.
+pub fn build(
+    model: ModelProto,
+    manifest: &Manifest,
+    patchable: &[String],
+    captured: &[String],
+    unembed: Unembed,
+) -> Result<ModelProto> {
     let mut model = model;
     let graph = model.graph.as_mut().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
 
-    // Unembed only the last position: everything after the last residual stream acts per
-    // position (final norm, unembedding), so slicing before it changes nothing else.
     let n_layers = manifest.config.n_layers;
     let final_resid = &manifest
         .hooks
         .get(&format!("blocks.{}.hook_resid_post", n_layers.saturating_sub(1)))
         .ok_or_else(|| anyhow!("the manifest maps no final `hook_resid_post`"))?
         .tensor;
-    let last_resid = LAST_RESID.to_string();
-    rewire(graph, final_resid, &last_resid);
-    graph.initializer.push(crate::onnx::proto::TensorProto {
-        dims: vec![1],
-        data_type: data_type::INT64,
-        name: "patchbay.last_index".into(),
-        raw_data: (-1i64).to_le_bytes().to_vec(),
-        ..Default::default()
-    });
-    graph.node.push(node("Gather", &[final_resid, "patchbay.last_index"], &last_resid, Some(1)));
+    // Unembed only the last position: everything after the last residual stream acts per
+    // position (final norm, unembedding), so slicing before it changes nothing else.
+    if unembed == Unembed::LastPosition {
+        let last_resid = LAST_RESID.to_string();
+        rewire(graph, final_resid, &last_resid);
+        graph.initializer.push(crate::onnx::proto::TensorProto {
+            dims: vec![1],
+            data_type: data_type::INT64,
+            name: "patchbay.last_index".into(),
+            raw_data: (-1i64).to_le_bytes().to_vec(),
+            ..Default::default()
+        });
+        graph.node.push(node("Gather", &[final_resid, "patchbay.last_index"], &last_resid, Some(1)));
+    }
     graph.output.retain(|o| o.name != manifest.logits);
     graph.output.push(tensor_info(LAST_LOGITS, data_type::FLOAT, &[]));
     graph.node.push(node("Identity", &[&manifest.logits], LAST_LOGITS, None));
@@ -99,9 +117,10 @@ pub fn load(
     dir: &std::path::Path,
     patchable: &[String],
     captured: &[String],
+    unembed: Unembed,
 ) -> Result<ModelProto> {
     let model = surgery::load(&dir.join(crate::model::ONNX_FILE))?;
-    build(model, manifest, patchable, captured)
+    build(model, manifest, patchable, captured, unembed)
 }
 
 /// Every consumer of `from` reads `to` instead (graph outputs keep `from`).

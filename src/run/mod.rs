@@ -137,7 +137,13 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             drop(current.take());
             let model = match opts.executor {
                 Executor::Fast => Model::Segments(Segments::new(&dir, &hooks, device, tokens_read(&plan).as_deref())?),
-                Executor::Reference | Executor::PerComponent => Model::Full(Engine::new(&dir, &hooks, &hooks, device)?),
+                Executor::Reference => {
+                    Model::Full(Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?)
+                }
+                // Peers' forward passes compute the logits of every position.
+                Executor::PerComponent => {
+                    Model::Full(Engine::new(&dir, &hooks, &hooks, graph::Unembed::EveryPosition, device)?)
+                }
             };
             current = Some((hooks, model));
         }
