@@ -282,7 +282,7 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     let file = cache::cache_dir().join("demo").join("demo.bay");
     std::fs::create_dir_all(file.parent().expect("has a parent"))?;
     std::fs::write(&file, DEMO_EXPERIMENT.replace("include \"shared/names.bay\"", DEMO_NAMES))?;
-    println!("\nrunning the demo experiment (examples/demo.bay: an IOI head sweep, 8 prompts x 270 heads)");
+    println!("\nrunning the demo study (examples/demo.bay: 270 heads x 8 IOI prompts, three corruptions, two metrics)");
     let exp = patchbay::check::check_file(&file, Some(device)).map_err(|d| {
         anyhow::anyhow!(
             "the demo experiment does not check: {}",
@@ -291,8 +291,11 @@ fn demo(device: Device, quiet: bool) -> anyhow::Result<bool> {
     })?;
     let report = patchbay::report::run_and_write(&exp, &patchbay::run::RunOptions { quiet, ..Default::default() })?;
     print!("{}", patchbay::report::summary::summary(&report.outcome, &report.written));
-    println!("\nnext: `patchbay run examples/ioi.bay` runs the full methodology comparison");
-    Ok(true)
+    if let Some(page) = &exp.outputs.report {
+        println!("\nthe report: {}", page.display());
+    }
+    println!("next: `patchbay run examples/ioi.bay` runs the full methodology comparison");
+    Ok(report.outcome.verdicts.iter().all(|v| v.holds))
 }
 
 fn doctor() -> anyhow::Result<bool> {

@@ -451,6 +451,19 @@ fn range_errors_have_help() {
     }
 }
 
+/// An expectation's text (what `run` prints with its verdict) is its statement alone, without the
+/// comments that follow it.
+#[test]
+fn expectation_text_leaves_out_comments() {
+    let ws = fixture::workspace();
+    let src = with_head(
+        "corruption s2 = replace S2 with IO\npatch h = attn.hook_z heads all\nmetric ld = logit_diff\nexpect top 1 h by ld includes L1.H2 # why\n# the next finding\nexpect top 1 h by ld includes L1.H0\n",
+    );
+    let exp = check::check_file(&fixture::write(ws.path(), "exp.bay", &src), None).unwrap();
+    let texts: Vec<&str> = exp.expectations.iter().map(|e| e.text.as_str()).collect();
+    assert_eq!(texts, ["expect top 1 h by ld includes L1.H2", "expect top 1 h by ld includes L1.H0"]);
+}
+
 /// A report named neither `.html` nor `.md` is an error at `check`, not at the end of a run.
 #[test]
 fn report_extension() {

@@ -181,7 +181,15 @@ fn expectation(checker: &Checker, e: &ast::Expect, span: &Span, errors: &mut Vec
         when.push((axis.node.clone(), v.node.clone()));
     }
     (errors.len() == n0).then(|| Expectation {
-        text: span.text().split_whitespace().collect::<Vec<_>>().join(" "),
+        // The statement's source, without the comments the parser's span takes in after it
+        // (an expectation holds no strings, so `#` starts a comment).
+        text: span
+            .text()
+            .lines()
+            .flat_map(|l| l.split('#').next())
+            .flat_map(str::split_whitespace)
+            .collect::<Vec<_>>()
+            .join(" "),
         line: span.line(),
         kind,
         when,

@@ -20,7 +20,7 @@ pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
         if let (true, Some(task)) = (first_of_dataset, &outcome.tasks[v]) {
             let _ = write!(
                 s,
-                "  clean runs: {}/{} prompts right (logit difference > 0), mean logit difference {:.3}",
+                "  clean runs: {}/{} prompts right (answer more likely than wrong answer), mean log P(answer) - log P(wrong) {:.3}",
                 task.correct, task.prompts, task.mean_logit_diff
             );
             if !task.wrong.is_empty() {

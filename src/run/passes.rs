@@ -31,16 +31,26 @@ pub struct VariantValues {
     pub task: Option<CleanTask>,
 }
 
-/// How the model does the task on a variant's clean prompts, by logit difference (answer
-/// against wrong answer): a prompt it gets wrong has no behaviour for patching to localise.
+/// How the model does the task on a variant's clean prompts: a prompt it gets wrong has no
+/// behaviour for patching to localise. Right means the answer is more likely than the wrong
+/// answer: a positive logit difference, for token sets log P(answers) - log P(wrong answers)
+/// (a difference of logit sums would favour the larger set).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CleanTask {
-    /// Prompts whose clean logit difference is positive.
+    /// Prompts whose answer is more likely than their wrong answer.
     pub correct: usize,
     pub prompts: usize,
+    /// The mean of log P(answer) - log P(wrong answer): the logit difference for single tokens.
     pub mean_logit_diff: f64,
     /// The other prompts' indices.
     pub wrong: Vec<usize>,
+}
+
+/// log of the summed exp-logits of `ids`: log P(ids) up to the softmax's normaliser.
+fn log_sum_exp(logits: &Logits, ids: &[u32]) -> f64 {
+    let z: Vec<f64> = ids.iter().map(|&i| logits.get(i) as f64).collect();
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
 }
 
 impl CleanTask {
@@ -382,12 +392,9 @@ impl Setup<'_> {
         let task = prompts.iter().all(|p| p.wrong.is_some()).then(|| {
             let diffs: Vec<f64> = (0..prompts.len())
                 .map(|p| {
-                    let r = Readout {
-                        answer: prompts[p].answer.ids(),
-                        wrong: prompts[p].wrong.as_ref().map(Answer::ids),
-                        clean_log_probs: &[],
-                    };
-                    metrics::value(MetricKind::LogitDiff, &runs.clean_logits[p], &[], &r)
+                    let logits = &runs.clean_logits[p];
+                    let wrong = prompts[p].wrong.as_ref().expect("checked above");
+                    log_sum_exp(logits, &prompts[p].answer.ids()) - log_sum_exp(logits, &wrong.ids())
                 })
                 .collect();
             CleanTask::new(&diffs)
