@@ -100,7 +100,7 @@ impl Segments {
                 }
             }
         }
-        let full = graph::load(manifest, &dir.path, hooks, &captured_names)?;
+        let full = graph::load(manifest, &dir.path, hooks, &captured_names, graph::Unembed::LastPosition)?;
         let g = full.graph.as_ref().expect("graph::build keeps the graph");
         let n = manifest.config.n_layers;
         let tensor = |hook: String| -> Result<String> {
