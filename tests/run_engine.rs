@@ -152,7 +152,7 @@ sweep { direction: [denoise, noise] }
         // The clean task summary: the raw logit difference's clean mean, and who gets it wrong.
         let task = fast.tasks[0].as_ref().expect("the prompts have wrong answers");
         assert_eq!((task.prompts, task.correct + task.wrong.len()), (3, 3));
-        assert!((task.mean_logit_diff - fast.rows[0].cells[1].clean).abs() < 1e-9, "{task:?}");
+        assert!((task.mean_log_odds - fast.rows[0].cells[1].clean).abs() < 1e-9, "{task:?}");
     }
 }
 

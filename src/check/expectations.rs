@@ -186,7 +186,7 @@ fn expectation(checker: &Checker, e: &ast::Expect, span: &Span, errors: &mut Vec
         text: span
             .text()
             .lines()
-            .flat_map(|l| l.split('#').next())
+            .map(|l| l.split('#').next().unwrap_or(""))
             .flat_map(str::split_whitespace)
             .collect::<Vec<_>>()
             .join(" "),

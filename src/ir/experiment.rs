@@ -291,6 +291,11 @@ impl MetricKind {
     pub fn name(self) -> &'static str {
         MetricKind::ALL.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).unwrap_or("?")
     }
+    /// Whether the metric needs the whole vocabulary's logits: probabilities normalise over it,
+    /// a logit difference reads its tokens' logits only.
+    pub fn reads_vocabulary(self) -> bool {
+        self != MetricKind::LogitDiff
+    }
     /// Whether the metric reads the wrong answer r'.
     pub fn needs_wrong(self) -> bool {
         matches!(self, MetricKind::LogitDiff | MetricKind::ProbDiff)

@@ -21,7 +21,7 @@ pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
             let _ = write!(
                 s,
                 "  clean runs: {}/{} prompts right (answer more likely than wrong answer), mean log P(answer) - log P(wrong) {:.3}",
-                task.correct, task.prompts, task.mean_logit_diff
+                task.correct, task.prompts, task.mean_log_odds
             );
             if !task.wrong.is_empty() {
                 let list: Vec<String> = task.wrong.iter().map(usize::to_string).collect();

@@ -168,7 +168,13 @@ pub fn fast(
     // Batches are numbered in this fixed order, the key of their checkpoints.
     for (number, chunk) in items.chunks(rows.max(1)).enumerate() {
         let number = number as u64;
-        if let Some(entries) = log.as_mut().and_then(|l| l.completed(number)) {
+        // A checkpoint counts only if it holds exactly this batch's passes (a batch's passes
+        // depend on bit-exact comparisons of activations, which another machine may not repeat).
+        let restored = log.as_mut().and_then(|l| l.completed(number)).filter(|entries| {
+            entries.len() == chunk.len()
+                && entries.iter().zip(chunk).all(|(e, i)| (e.0, e.1, e.2) == (i.run, i.prompt, i.sample))
+        });
+        if let Some(entries) = restored {
             for (r, p, s, values) in entries {
                 patched[r][p][s] = values;
             }

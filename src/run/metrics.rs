@@ -19,6 +19,12 @@ pub fn log_probs(logits: &[f32]) -> Vec<f64> {
     logits.iter().map(|&z| z as f64 - log_sum).collect()
 }
 
+/// log(sum(exp(x))) over `values`, computed stably.
+pub fn log_sum_exp(values: impl Iterator<Item = f64> + Clone) -> f64 {
+    let max = values.clone().fold(f64::NEG_INFINITY, f64::max);
+    max + values.map(|x| (x - max).exp()).sum::<f64>().ln()
+}
+
 /// M(run) for one metric.
 pub fn value(kind: MetricKind, logits: &Logits, log_probs: &[f64], r: &Readout) -> f64 {
     let logit_sum = |ids: &[u32]| ids.iter().map(|&i| logits.get(i) as f64).sum::<f64>();
@@ -29,10 +35,7 @@ pub fn value(kind: MetricKind, logits: &Logits, log_probs: &[f64], r: &Readout) 
         MetricKind::ProbDiff => prob_sum(&r.answer) - prob_sum(wrong()),
         MetricKind::Prob => prob_sum(&r.answer),
         // log of a sum of probabilities, computed stably from the log-probabilities.
-        MetricKind::LogProb => {
-            let max = r.answer.iter().map(|&i| log_probs[i as usize]).fold(f64::NEG_INFINITY, f64::max);
-            max + r.answer.iter().map(|&i| (log_probs[i as usize] - max).exp()).sum::<f64>().ln()
-        }
+        MetricKind::LogProb => log_sum_exp(r.answer.iter().map(|&i| log_probs[i as usize])),
         // -KL(P_clean || P_run).
         MetricKind::Kl => -r
             .clean_log_probs

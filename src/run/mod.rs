@@ -23,11 +23,11 @@ use crate::bail_fixable;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::ir::experiment::{Experiment, MetricKind};
+use crate::ir::experiment::Experiment;
 use crate::ir::plan::Plan;
 use crate::model::ModelDir;
 use crate::plan;
-use crate::runtime;
+use crate::runtime::{self, Device};
 use engine::Engine;
 use expect::Verdict;
 use passes::{Setup, VariantValues};
@@ -105,7 +105,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     // Checkpoints of completed batches, for the fast path writing an output.
     let run_folder = match (&exp.outputs.csv, opts.executor) {
         (Some(csv), Executor::Fast) => {
-            let (folder, note) = resume::RunFolder::open(csv, &run_key(&plan, &dir, opts.memory_bytes)?)?;
+            let (folder, note) = resume::RunFolder::open(csv, &run_key(&plan, &dir, opts.memory_bytes, device)?)?;
             if let Some(note) = note {
                 eprintln!("note: {note}");
             }
@@ -180,7 +180,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
 /// Every token whose logit a metric of `plan` reads, when the metrics read nothing else (logit
 /// differences: the answers and wrong answers); `None` when a metric needs the vocabulary.
 fn tokens_read(plan: &Plan) -> Option<Vec<u32>> {
-    if plan.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff) {
+    if plan.metrics.iter().any(|m| m.kind.reads_vocabulary()) {
         return None;
     }
     let prompts = plan.variants.iter().flat_map(|v| &v.prompts);
@@ -192,12 +192,12 @@ fn tokens_read(plan: &Plan) -> Option<Vec<u32>> {
 const BATCH_ORDER: u32 = 2;
 
 /// What a run's checkpoints depend on: the plan (prompts, corruptions, runs, metrics), the
-/// model, the batching, and this patchbay.
-fn run_key(plan: &Plan, dir: &ModelDir, memory: u64) -> Result<String> {
+/// model, the device, the batching, and this patchbay.
+fn run_key(plan: &Plan, dir: &ModelDir, memory: u64, device: Device) -> Result<String> {
     let mut hasher = Sha256::new();
     hasher.update(serde_json::to_vec(plan)?);
     hasher.update(dir.manifest_sha256()?);
-    hasher.update(format!("{memory} {} {BATCH_ORDER}", env!("CARGO_PKG_VERSION")));
+    hasher.update(format!("{memory} {} {BATCH_ORDER} {}", env!("CARGO_PKG_VERSION"), device.name()));
     Ok(format!("{:x}", hasher.finalize()))
 }
 

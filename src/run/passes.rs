@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 
 use crate::ir::experiment::Position;
-use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction, MetricKind};
+use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
 use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, EMBED_HOOK};
@@ -40,27 +40,22 @@ pub struct CleanTask {
     /// Prompts whose answer is more likely than their wrong answer.
     pub correct: usize,
     pub prompts: usize,
-    /// The mean of log P(answer) - log P(wrong answer): the logit difference for single tokens.
-    pub mean_logit_diff: f64,
+    /// The mean log-odds of answer against wrong answer, log P(answer) - log P(wrong answer):
+    /// the logit difference for single tokens.
+    pub mean_log_odds: f64,
     /// The other prompts' indices.
     pub wrong: Vec<usize>,
 }
 
-/// log of the summed exp-logits of `ids`: log P(ids) up to the softmax's normaliser.
-fn log_sum_exp(logits: &Logits, ids: &[u32]) -> f64 {
-    let z: Vec<f64> = ids.iter().map(|&i| logits.get(i) as f64).collect();
-    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln()
-}
-
 impl CleanTask {
     /// From each prompt's clean logit difference.
-    fn new(logit_diffs: &[f64]) -> CleanTask {
-        let wrong: Vec<usize> = (0..logit_diffs.len()).filter(|&p| logit_diffs[p] <= 0.0).collect();
+    fn new(log_odds: &[f64]) -> CleanTask {
+        // NaN is wrong, not right: a logit the run did not compute must not pass for an answer.
+        let wrong: Vec<usize> = (0..log_odds.len()).filter(|&p| log_odds[p].is_nan() || log_odds[p] <= 0.0).collect();
         CleanTask {
-            correct: logit_diffs.len() - wrong.len(),
-            prompts: logit_diffs.len(),
-            mean_logit_diff: logit_diffs.iter().sum::<f64>() / logit_diffs.len().max(1) as f64,
+            correct: log_odds.len() - wrong.len(),
+            prompts: log_odds.len(),
+            mean_log_odds: log_odds.iter().sum::<f64>() / log_odds.len().max(1) as f64,
             wrong,
         }
     }
@@ -180,7 +175,7 @@ impl<'a> Setup<'a> {
     /// Whether a metric reads more than a few logits: probabilities need the log-softmax over
     /// the whole vocabulary (an exp per token), logit differences do not.
     pub(crate) fn needs_log_probs(&self) -> bool {
-        self.metrics.iter().any(|m| m.kind != MetricKind::LogitDiff)
+        self.metrics.iter().any(|m| m.kind.reads_vocabulary())
     }
 
     /// Every metric of one run.
@@ -394,7 +389,9 @@ impl Setup<'_> {
                 .map(|p| {
                     let logits = &runs.clean_logits[p];
                     let wrong = prompts[p].wrong.as_ref().expect("checked above");
-                    log_sum_exp(logits, &prompts[p].answer.ids()) - log_sum_exp(logits, &wrong.ids())
+                    // log P(ids) up to the softmax's normaliser, which cancels.
+                    let log_p = |ids: Vec<u32>| metrics::log_sum_exp(ids.into_iter().map(|i| logits.get(i) as f64));
+                    log_p(prompts[p].answer.ids()) - log_p(wrong.ids())
                 })
                 .collect();
             CleanTask::new(&diffs)

@@ -44,7 +44,7 @@ impl Logits {
 /// Change the last layer's segment `model` so that every reader of `resid_mid` (the residual
 /// stream after the attention) reads its final position only. False, leaving the model as it
 /// was, when a tensor in `keep_whole` (a patched hook, whose patch covers every position) lies
-/// downstream of it, or nothing reads it.
+/// downstream of it, nothing reads it, or the changed graph cannot be ordered.
 pub fn last_position_after(model: &mut ModelProto, resid_mid: &str, keep_whole: &[String]) -> bool {
     let mut changed = model.clone();
     let Some(g) = changed.graph.as_mut() else { return false };
@@ -159,4 +159,63 @@ pub fn read_tokens(model: &mut ModelProto, logits: &str, tokens: &[u32], vocab: 
     g.output = vec![crate::onnx::proto::ValueInfoProto { name: output.clone(), ..info }];
     *model = changed;
     Some(output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::{GraphProto, ValueInfoProto};
+
+    #[test]
+    fn logits_of_tokens_read_others_as_nan() {
+        let full = Logits::vocabulary(vec![0.5, 1.5, 2.5]);
+        assert_eq!((full.get(1), full.full().map(<[f32]>::len)), (1.5, Some(3)));
+        assert!(full.get(3).is_nan());
+        let read = Logits { values: vec![7.0, 9.0], tokens: Some(vec![2, 40].into()) };
+        assert_eq!((read.get(2), read.get(40), read.full()), (7.0, 9.0, None));
+        assert!(read.get(3).is_nan());
+    }
+
+    /// `x [b, d] -> Gemm(x, W [vocab, d], transB) -> Reshape -> logits`, as the importer builds it.
+    fn unembedding(bias: bool) -> ModelProto {
+        let node = |op: &str, inputs: &[&str], output: &str| NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            op_type: op.into(),
+            attribute: if op == "Gemm" { vec![crate::onnx::writer::attr_int("transB", 1)] } else { vec![] },
+            ..Default::default()
+        };
+        let tensor = |name: &str, dims: Vec<i64>| TensorProto { name: name.into(), dims, ..Default::default() };
+        let gemm = if bias { vec!["x", "w", "c"] } else { vec!["x", "w"] };
+        ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node("Gemm", &gemm, "z"), node("Reshape", &["z", "shape"], "logits")],
+                initializer: vec![tensor("w", vec![5, 2]), tensor("shape", vec![3]), tensor("c", vec![5])],
+                input: vec![ValueInfoProto { name: "x".into(), ..Default::default() }],
+                output: vec![ValueInfoProto { name: "logits".into(), ..Default::default() }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_unembedding_gathers_the_rows_of_the_tokens_read() {
+        let mut model = unembedding(false);
+        assert_eq!(read_tokens(&mut model, "logits", &[1, 3], 5).as_deref(), Some("z"));
+        let g = model.graph.unwrap();
+        let ops: Vec<&str> = g.node.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Gather", "Gemm"], "the reshape to the vocabulary is gone");
+        assert_eq!(g.node[0].input, ["w", "patchbay.read_tokens"]);
+        assert_eq!(g.node[1].input[1], g.node[0].output[0]);
+        assert_eq!(g.output.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["z"]);
+        let ids = g.initializer.iter().find(|t| t.name == "patchbay.read_tokens").unwrap();
+        assert_eq!(ids.raw_data, [1i64, 3].iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>());
+        // A bias, or a vocabulary the weight does not have, leaves the model whole.
+        for (mut model, vocab) in [(unembedding(true), 5), (unembedding(false), 6)] {
+            let before = model.clone();
+            assert_eq!(read_tokens(&mut model, "logits", &[1], vocab), None);
+            assert_eq!(model, before);
+        }
+    }
 }

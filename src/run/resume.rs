@@ -88,7 +88,8 @@ fn parse(text: &str) -> HashMap<u64, Vec<Entry>> {
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         if let ["end", batch] = fields[..] {
-            if let Some((b, entries)) = batch.parse().ok().and_then(|b| pending.remove(&b).map(|e| (b, e))) {
+            let number = u64::from_str_radix(batch, 16).ok();
+            if let Some((b, entries)) = number.and_then(|b| pending.remove(&b).map(|e| (b, e))) {
                 done.insert(b, entries);
             }
             continue;
@@ -154,6 +155,15 @@ mod tests {
         log.record(2, &[(1, 1, 0, vec![1.0])]).unwrap();
         let (folder, _) = RunFolder::open(&out, "k1").unwrap();
         assert_eq!(folder.variant(0).unwrap().completed(2), Some(vec![(1, 1, 0, vec![1.0])]));
+        // Batch numbers are written in hex and read back as such (batch 10 is `a`, 26 is `1a`).
+        let mut log = folder.variant(0).unwrap();
+        for batch in [10, 26] {
+            log.record(batch, &[(batch as usize, 0, 0, vec![2.0])]).unwrap();
+        }
+        let (folder, _) = RunFolder::open(&out, "k1").unwrap();
+        let mut log = folder.variant(0).unwrap();
+        assert_eq!(log.completed(10), Some(vec![(10, 0, 0, vec![2.0])]));
+        assert_eq!(log.completed(26), Some(vec![(26, 0, 0, vec![2.0])]));
         // A different key starts afresh.
         let (folder, note) = RunFolder::open(&out, "k2").unwrap();
         assert!(note.unwrap().contains("changed"));

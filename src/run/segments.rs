@@ -1,7 +1,8 @@
 //! The fast path's model: the patchable graph ([`graph::build`]) cut at the residual stream
 //! between layers into segments (embedding, one per layer, unembedding), one ONNX Runtime
 //! session each. Each weight lives in exactly one segment, so the sessions together hold the
-//! weights once.
+//! weights once, but for the last layer's: patched calls run a second session of it that
+//! computes its MLP at the final position only (see [`readout::last_position_after`]).
 //!
 //! A pass that patches nothing before layer L **starts late**: it enters at layer L's segment
 //! with the residual stream its base run had there (cached when the base run was made), and
@@ -185,7 +186,7 @@ impl Segments {
             });
             let session = runtime::session_from_proto(&model, &dir.path, device)?;
             // The last layer's weights twice (one layer of n): its MLP on one position, not all.
-            let final_position_only = match k == n {
+            let final_position_only = match k == n && n > 0 {
                 true => {
                     let resid_mid = graph::capture_output(manifest, hooks, &format!("blocks.{}.hook_resid_mid", n - 1));
                     let keep_whole: Vec<String> =
@@ -227,7 +228,7 @@ impl Segments {
     /// position is `from`: from there to the end in suffix mode, else all.
     pub fn positions_computed(&self, len: usize, from: usize) -> usize {
         if self.suffix {
-            len - from.min(len - 1)
+            len - from.min(len.saturating_sub(1))
         } else {
             len
         }
@@ -603,4 +604,24 @@ fn make_suffix(model: &mut ModelProto, manifest: &crate::model::Manifest, layer:
         return false;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_of_a_right_aligned_tensor() {
+        // Two positions of width 3 at the end of a frame of 4 positions.
+        let t = Tensor::new(vec![2, 3], (0..6).map(|x| x as f32).collect());
+        let take = |range: std::ops::Range<usize>| {
+            let mut out = vec![];
+            push_positions(&mut out, &t, 4, range);
+            out
+        };
+        assert_eq!(take(0..4), [0., 0., 0., 0., 0., 0., 0., 1., 2., 3., 4., 5.]);
+        assert_eq!(take(1..3), [0., 0., 0., 0., 1., 2.]);
+        assert_eq!(take(3..4), [3., 4., 5.]);
+        assert_eq!(take(0..2), [0.; 6], "a prefix inside the padding");
+    }
 }
