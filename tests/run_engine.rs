@@ -149,6 +149,21 @@ sweep { direction: [denoise, noise] }
         let fast = run_file(&file, Executor::Fast);
         let reference = run_file(&file, Executor::Reference);
         assert_rows_close(&fast.rows, &reference.rows);
+        // The run itself took the shortcuts: one logit per name the prompts answer with.
+        let mut names: Vec<u32> = fast.plan.variants[0]
+            .prompts
+            .iter()
+            .flat_map(|p| p.answer.ids().into_iter().chain(p.wrong.as_ref().unwrap().ids()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        let expected = patchbay::run::Shortcuts {
+            suffix_positions: true,
+            final_position_only: true,
+            tokens_read: Some(names.len()),
+        };
+        assert!(fast.shortcuts.iter().all(|s| *s == Some(expected)), "{arch:?}: {:?}", fast.shortcuts);
+        assert!(reference.shortcuts.iter().all(Option::is_none));
         // The clean task summary: the raw logit difference's clean mean, and who gets it wrong.
         let task = fast.tasks[0].as_ref().expect("the prompts have wrong answers");
         assert_eq!((task.prompts, task.correct + task.wrong.len()), (3, 3));

@@ -44,6 +44,12 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             .collect::<Result<Vec<_>>>()?,
         "corruptions_and_seeds": seeds,
         "positions": positions(outcome)?,
+        "fast_path_shortcuts": plan
+            .variants
+            .iter()
+            .zip(&outcome.shortcuts)
+            .map(|(v, s)| serde_json::json!({"variant": v.label, "shortcuts": s}))
+            .collect::<Vec<_>>(),
         "clean_task": plan
             .variants
             .iter()

@@ -63,6 +63,19 @@ impl Default for RunOptions {
     }
 }
 
+/// Which of the fast path's shortcuts a variant's passes took, beyond starting late and skipping
+/// no-ops (always on): recorded in the provenance, because a model directory whose graph does not
+/// allow one runs without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Shortcuts {
+    /// Positions before the first changed one were not recomputed.
+    pub suffix_positions: bool,
+    /// The last layer's MLP ran at the final position only.
+    pub final_position_only: bool,
+    /// The logits of this many tokens were computed (`None`: the whole vocabulary's).
+    pub tokens_read: Option<usize>,
+}
+
 /// A finished run: its results, and, until [`Outcome::complete`], the output lock and the
 /// checkpoints of its batches (kept if the outputs are never written, so a rerun resumes).
 pub struct Outcome {
@@ -72,6 +85,8 @@ pub struct Outcome {
     pub verdicts: Vec<Verdict>,
     /// Per variant, how the model does the task on the clean prompts.
     pub tasks: Vec<Option<passes::CleanTask>>,
+    /// Per variant, the work the fast path left out (`None` from the other executors).
+    pub shortcuts: Vec<Option<Shortcuts>>,
     pub work: passes::Work,
     pub seconds: f64,
     lock: Option<lock::Lock>,
@@ -125,7 +140,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let (mut rows, mut tasks) = (vec![], vec![]);
+    let (mut rows, mut tasks, mut shortcuts) = (vec![], vec![], vec![]);
     let mut work = passes::Work::default();
     // One model at a time, rebuilt when a variant patches a different set of hooks (variants
     // of one corruption share theirs); two would hold the weights twice.
@@ -150,6 +165,11 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         let (_, model) = current.as_mut().expect("a model was just made");
         let values: VariantValues = match model {
             Model::Segments(model) => {
+                shortcuts.push(Some(Shortcuts {
+                    suffix_positions: model.suffix,
+                    final_position_only: model.final_position_only(),
+                    tokens_read: model.tokens_read().map(<[u32]>::len),
+                }));
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let fits = rows_per_call(&dir, variant, opts.memory_bytes);
                 let rows_per_call = plan.batch_size.map_or(fits, |cap| fits.min(cap));
@@ -157,6 +177,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))?
             }
             Model::Full(engine) => {
+                shortcuts.push(None);
                 let setup = Setup::new(variant, &plan.metrics, engine.patchable.clone());
                 match opts.executor {
                     Executor::PerComponent => execute::per_component(&setup, engine, &|n| progress.inc(n))?,
@@ -174,7 +195,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     let verdicts = expect::evaluate(&plan, &exp.expectations, &rows);
     let seconds = started.elapsed().as_secs_f64();
 
-    Ok(Outcome { plan, model: dir, rows, verdicts, tasks, work, seconds, lock, run_folder })
+    Ok(Outcome { plan, model: dir, rows, verdicts, tasks, shortcuts, work, seconds, lock, run_folder })
 }
 
 /// Every token whose logit a metric of `plan` reads, when the metrics read nothing else (logit
