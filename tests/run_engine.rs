@@ -342,7 +342,6 @@ fn a_second_run_on_the_same_output_is_refused() {
 #[test]
 fn engine_agrees_with_patched_pure_rust_forward() {
     use patchbay::model::reference;
-    use patchbay::run::passes::resolve;
     let body = r#"
 corruption s2_io = replace S2 with IO
 patch z = attn.hook_z layers all heads all
@@ -374,7 +373,14 @@ sweep { direction: [denoise, noise] }
                     _ => (&corrupted, &prompt.clean_ids),
                 };
                 let source = reference::forward(&weights, source_ids).unwrap().hooks;
-                let position = run.position.as_ref().map(|pos| resolve(pos, prompt));
+                // The slot's token, read from the prompt's own table (not the plan's resolution).
+                let position = run.position.as_ref().map(|pos| match pos {
+                    patchbay::ir::experiment::Position::End => prompt.clean_ids.len() - 1,
+                    patchbay::ir::experiment::Position::Slot { name, .. } => {
+                        prompt.positions.iter().find(|(l, _)| l == name).unwrap().1
+                    }
+                    other => panic!("{other:?}"),
+                });
                 let patched = reference::forward_patched(&weights, base_ids, &mut |hook, values| {
                     if !run.hooks.iter().any(|h| h == hook) {
                         return;

@@ -69,6 +69,24 @@ pub struct PlannedPrompt {
     pub first_changed_token: Option<usize>,
 }
 
+impl PlannedPrompt {
+    /// The token index of `pos` in this prompt; `None` for a label the prompt does not have or
+    /// an index outside it (the checker refuses both).
+    pub fn token_index(&self, pos: &Position) -> Option<usize> {
+        let len = self.clean_ids.len() as i64;
+        let lookup = |label: &str| self.positions.iter().find(|(l, _)| l == label).map(|(_, i)| *i);
+        match pos {
+            Position::End => lookup("end"),
+            Position::Index(i) => {
+                let i = if *i < 0 { len + i } else { *i };
+                (0..len).contains(&i).then_some(i as usize)
+            }
+            Position::Slot { name, first: true } => lookup(&format!("first {name}")).or_else(|| lookup(name)),
+            Position::Slot { name, first: false } => lookup(name),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PatchRun {
     pub target: String,
@@ -78,6 +96,9 @@ pub struct PatchRun {
     pub head: Option<usize>,
     /// None: all positions at once.
     pub position: Option<Position>,
+    /// `position` resolved in each of the variant's prompts (token index, in prompt order);
+    /// empty when the run patches all positions.
+    pub token_positions: Vec<usize>,
     /// Component label, e.g. `L9.H9`, `L3@S2`, `L3 w5`.
     pub label: String,
     /// Window size and centre layer, for sliding windows.
@@ -301,5 +322,29 @@ impl fmt::Display for Plan {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_resolve_to_token_indices() {
+        let prompt = PlannedPrompt {
+            clean_text: "a b c d".into(),
+            clean_ids: vec![10, 11, 12, 13],
+            corrupted: CorruptedPrompt::Ablation { source_prompt: None },
+            answer: Answer::Token { text: " x".into(), id: 1 },
+            wrong: None,
+            positions: vec![("S".into(), 2), ("first S".into(), 1), ("IO".into(), 0), ("end".into(), 3)],
+            first_changed_token: None,
+        };
+        let slot = |name: &str, first| Position::Slot { name: name.into(), first };
+        let at = |p: Position| prompt.token_index(&p);
+        assert_eq!((at(Position::End), at(Position::Index(1)), at(Position::Index(-1))), (Some(3), Some(1), Some(3)));
+        assert_eq!((at(slot("S", false)), at(slot("S", true)), at(slot("IO", true))), (Some(2), Some(1), Some(0)));
+        // Outside the prompt, or a label it does not have: no position, never token 0.
+        assert_eq!((at(Position::Index(4)), at(Position::Index(-5)), at(slot("S2", false))), (None, None, None));
     }
 }

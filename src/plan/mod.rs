@@ -89,6 +89,7 @@ fn expand_patches(t: &PatchTarget, n_layers: usize, common_len: Option<usize>) -
                     layers: layers.clone(),
                     head: *h,
                     position: p.clone(),
+                    token_positions: vec![],
                     label: component_label(layers, *h, p.as_ref(), *window),
                     window: *window,
                     baseline_only: *baseline_only,
@@ -148,7 +149,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                 total.layer_fraction_runs += counts.layer_fraction_runs;
                 total.naive_runs += counts.naive_runs;
                 cache_bytes = cache_bytes.max(cache_estimate(exp, ds, &patches, c, dir));
-                let prompts = ds
+                let prompts: Vec<PlannedPrompt> = ds
                     .prompts
                     .iter()
                     .zip(corrupted)
@@ -177,6 +178,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                         }
                     })
                     .collect();
+                let patches = resolved(&patches, &prompts);
                 let shares_runs_with = variants
                     .iter()
                     .find(|v: &&Variant| v.dataset == ds.name && v.corruption == c.name)
@@ -189,7 +191,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                     direction: dir,
                     prompts,
                     captures: captures(&patches, &c.kind),
-                    patches: patches.clone(),
+                    patches,
                     shares_runs_with,
                     counts,
                 });
@@ -216,6 +218,20 @@ pub fn plan(exp: &Experiment) -> Plan {
         counts: total,
         cache_bytes,
     }
+}
+
+/// `patches` with their positions resolved in each of `prompts`.
+fn resolved(patches: &[PatchRun], prompts: &[PlannedPrompt]) -> Vec<PatchRun> {
+    let mut patches = patches.to_vec();
+    for run in &mut patches {
+        if let Some(pos) = &run.position {
+            run.token_positions = prompts
+                .iter()
+                .map(|p| p.token_index(pos).expect("the checker resolved every position in every prompt"))
+                .collect();
+        }
+    }
+    patches
 }
 
 /// The hooks a variant's cached runs capture: every patched hook, and the embeddings when

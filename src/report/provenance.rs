@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::ir::experiment::{position_label, Experiment};
-use crate::run::passes::resolve;
 use crate::run::Outcome;
 use crate::runtime;
 
@@ -86,12 +85,12 @@ fn positions(outcome: &Outcome) -> Result<serde_json::Value> {
         let Some(first) = variant.prompts.first() else { continue };
         let mut seen = vec![];
         let mut list = vec![];
-        for position in variant.patches.iter().filter_map(|p| p.position.as_ref()) {
+        for run in &variant.patches {
+            let (Some(position), Some(&index)) = (&run.position, run.token_positions.first()) else { continue };
             let label = position_label(position);
             if seen.contains(&label) {
                 continue;
             }
-            let index = resolve(position, first);
             let token = first.clean_ids.get(index).map(|&id| text(id));
             list.push(serde_json::json!({"label": label, "index": index, "token": token}));
             seen.push(label);

@@ -7,9 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-use crate::ir::experiment::Position;
 use crate::ir::experiment::{AblationKind, Answer, CorruptedPrompt, CorruptionKind, Direction};
-use crate::ir::plan::{PatchRun, PlanMetric, PlannedPrompt, Variant};
+use crate::ir::plan::{PatchRun, PlanMetric, Variant};
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, EMBED_HOOK};
 use crate::run::engine::{concrete, HookPatch, Pass};
@@ -151,7 +150,7 @@ impl<'a> Setup<'a> {
             .filter(|d| !matches!(d, Dim::Symbolic(s) if s == "batch"))
             .position(|d| matches!(d, Dim::Symbolic(_)));
         let head = head_axis(dims).and_then(|a| run.head.map(|h| (a, h)));
-        let position = run.position.as_ref().map(|pos| resolve(pos, prompt));
+        let position = run.token_positions.get(p).copied();
         let mut mask = vec![false; shape.iter().product()];
         let mut index = vec![0usize; shape.len()];
         for m in mask.iter_mut() {
@@ -189,19 +188,6 @@ impl<'a> Setup<'a> {
         let prompt = &self.variant.prompts[p];
         let r = Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(Answer::ids), clean_log_probs };
         self.metrics.iter().map(|m| metrics::value(m.kind, logits, &lp, &r)).collect()
-    }
-}
-
-/// Index into a prompt's position table.
-pub fn resolve(pos: &Position, prompt: &PlannedPrompt) -> usize {
-    let len = prompt.clean_ids.len();
-    let lookup = |label: &str| prompt.positions.iter().find(|(l, _)| l == label).map(|(_, i)| *i);
-    match pos {
-        Position::End => len - 1,
-        Position::Index(i) if *i < 0 => (len as i64 + i) as usize,
-        Position::Index(i) => *i as usize,
-        Position::Slot { name, first: true } => lookup(&format!("first {name}")).or_else(|| lookup(name)).unwrap_or(0),
-        Position::Slot { name, first: false } => lookup(name).unwrap_or(0),
     }
 }
 

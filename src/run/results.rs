@@ -2,8 +2,8 @@
 //! errors, and the summation baseline of sliding windows (spec/language.md, "metric").
 
 use crate::ir::experiment::{position_label, Averaging, Direction};
-use crate::ir::plan::{PatchRun, Plan, PlanMetric, Variant};
-use crate::run::passes::{resolve, VariantValues};
+use crate::ir::plan::{PatchRun, Plan, PlanMetric};
+use crate::run::passes::VariantValues;
 
 /// One metric's cells in a row.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,7 +114,7 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
             cells_all.push(c);
             per_prompt.push(pp);
         }
-        let row = row(v, variant, run, cells_all, per_prompt);
+        let row = row(v, run, cells_all, per_prompt);
         let window = run.window.filter(|(w, _)| *w > 1);
         rows.push(row);
         if let (Some(_), true) = (window, run.summation) {
@@ -124,17 +124,8 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
     rows
 }
 
-fn row(
-    v: usize,
-    variant: &Variant,
-    run: &PatchRun,
-    cells: Vec<Cells>,
-    per_prompt: Vec<Vec<(Option<f64>, f64, f64)>>,
-) -> Row {
-    let positions: Vec<usize> = match &run.position {
-        Some(pos) => variant.prompts.iter().map(|p| resolve(pos, p)).collect(),
-        None => vec![],
-    };
+fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<(Option<f64>, f64, f64)>>) -> Row {
+    let positions = &run.token_positions;
     let same = positions.first().filter(|first| positions.iter().all(|p| p == *first)).copied();
     Row {
         variant: v,
@@ -181,7 +172,7 @@ fn summation_row(plan: &Plan, v: usize, values: &VariantValues, window_run: &Pat
             sem: None,
         });
     }
-    let mut row = row(v, variant, window_run, cells_all, vec![]);
+    let mut row = row(v, window_run, cells_all, vec![]);
     row.summation = true;
     row
 }
