@@ -67,6 +67,9 @@ pub struct PlannedPrompt {
     /// the same in the clean and corrupted runs (causal attention). `None` for ablations, which
     /// change activations rather than inputs.
     pub first_changed_token: Option<usize>,
+    /// Gaussian noise: the random stream of each sample, drawn by ChaCha8 seeded with the
+    /// corruption's seed (`prompt << 32 | sample`); empty for other corruptions.
+    pub noise_streams: Vec<u64>,
 }
 
 impl PlannedPrompt {
@@ -339,6 +342,7 @@ mod tests {
             wrong: None,
             positions: vec![("S".into(), 2), ("first S".into(), 1), ("IO".into(), 0), ("end".into(), 3)],
             first_changed_token: None,
+            noise_streams: vec![],
         };
         let slot = |name: &str, first| Position::Slot { name: name.into(), first };
         let at = |p: Position| prompt.token_index(&p);

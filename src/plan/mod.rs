@@ -153,7 +153,8 @@ pub fn plan(exp: &Experiment) -> Plan {
                     .prompts
                     .iter()
                     .zip(corrupted)
-                    .map(|(p, cp)| {
+                    .enumerate()
+                    .map(|(i, (p, cp))| {
                         let mut positions: Vec<(String, usize)> = Vec::new();
                         for (name, s) in &p.slots {
                             positions.push((name.clone(), s.last));
@@ -175,6 +176,10 @@ pub fn plan(exp: &Experiment) -> Plan {
                             wrong: p.wrong.clone(),
                             positions,
                             first_changed_token,
+                            noise_streams: match cp {
+                                CorruptedPrompt::Noise { .. } => (0..samples).map(|s| ((i as u64) << 32) | s).collect(),
+                                _ => vec![],
+                            },
                         }
                     })
                     .collect();

@@ -9,12 +9,12 @@ use crate::model::checkpoint::Tensor;
 
 /// Gaussian noise eps ~ N(0, nu^2) added to the embedding rows at `positions`.
 ///
-/// Stream: ChaCha8 seeded with the corruption's seed, stream number `prompt << 32 | sample`;
+/// ChaCha8 seeded with the corruption's seed, on the plan's stream for this prompt and sample;
 /// normals by Box-Muller, positions in order, each row's `d_model` values in order.
-pub fn noised(embed: &Tensor, positions: &[usize], nu: f64, seed: u64, prompt: usize, sample: usize) -> Vec<f32> {
+pub fn noised(embed: &Tensor, positions: &[usize], nu: f64, seed: u64, stream: u64) -> Vec<f32> {
     let d = embed.shape[1];
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    rng.set_stream(((prompt as u64) << 32) | sample as u64);
+    rng.set_stream(stream);
     let mut out = embed.data.clone();
     for &pos in positions {
         for x in &mut out[pos * d..(pos + 1) * d] {
@@ -55,12 +55,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn noise_is_seeded_per_prompt_and_sample() {
+    fn noise_is_seeded_per_stream() {
         let embed = Tensor::new(vec![3, 4], vec![0.0; 12]);
-        let a = noised(&embed, &[1], 1.0, 7, 0, 0);
-        assert_eq!(a, noised(&embed, &[1], 1.0, 7, 0, 0));
-        assert_ne!(a, noised(&embed, &[1], 1.0, 7, 0, 1));
-        assert_ne!(a, noised(&embed, &[1], 1.0, 7, 1, 0));
+        let a = noised(&embed, &[1], 1.0, 7, 0);
+        assert_eq!(a, noised(&embed, &[1], 1.0, 7, 0));
+        assert_ne!(a, noised(&embed, &[1], 1.0, 7, 1));
+        assert_ne!(a, noised(&embed, &[1], 1.0, 8, 0));
         assert!(a[..4].iter().chain(&a[8..]).all(|x| *x == 0.0));
         assert!(a[4..8].iter().all(|x| *x != 0.0));
     }

@@ -129,7 +129,7 @@ impl<'a> Setup<'a> {
             (CorruptedPrompt::Tokens { ids, .. }, _) => Some(Pass { ids: ids.clone(), patches: vec![] }),
             (CorruptedPrompt::Noise { positions }, CorruptionKind::Noise { seed, .. }) => {
                 let embed = clean_embed.expect("noise needs the clean embeddings");
-                let value = noised(embed, positions, nu, *seed, p, s);
+                let value = noised(embed, positions, nu, *seed, prompt.noise_streams[s]);
                 let hook = self.hook_index(EMBED_HOOK);
                 Some(Pass {
                     ids: prompt.clean_ids.clone(),
