@@ -97,18 +97,14 @@ fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Ru
         corrupted_logits.clear();
     }
     let means = setup.means(&clean_acts)?;
-    // log P_clean, for `kl`; only whole-vocabulary logits have one.
+    // log P_clean, for `kl` (whose runs unembed the whole vocabulary).
+    let needs_log_probs = setup.needs_log_probs();
     let clean_lp = clean_logits
         .iter()
-        .map(
-            |l: &Logits| {
-                if setup.needs_log_probs() {
-                    l.full().map(metrics::log_probs).unwrap_or_default()
-                } else {
-                    vec![]
-                }
-            },
-        )
+        .map(|l: &Logits| match (needs_log_probs, l.full()) {
+            (true, Some(full)) => metrics::log_probs(full),
+            _ => vec![],
+        })
         .collect();
     Ok(Runs {
         clean_logits,
