@@ -14,6 +14,7 @@ pub mod readout;
 pub mod results;
 pub mod resume;
 pub mod segments;
+pub mod suffix;
 
 use std::time::Instant;
 
