@@ -13,8 +13,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
-use ort::value::Tensor as OrtTensor;
+use ort::value::{DynValue, Tensor as OrtTensor};
 
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
@@ -77,6 +78,7 @@ pub struct Segments {
     /// The tokens the unembedding computes logits for (`None`: the whole vocabulary).
     reads: Option<Arc<[u32]>>,
     d_model: usize,
+    device: Device,
 }
 
 /// The segment a hook lives in: 0 for layer-less hooks (embeddings), `L + 1` for `blocks.L.*`.
@@ -217,7 +219,7 @@ impl Segments {
                 prefix,
             });
         }
-        Ok(Segments { segments, patchable, captured, suffix, reads, d_model: manifest.config.d_model })
+        Ok(Segments { segments, patchable, captured, suffix, reads, d_model: manifest.config.d_model, device })
     }
 
     /// The tokens whose logits every call returns; `None` when it returns the whole vocabulary's.
@@ -275,7 +277,9 @@ impl Segments {
                 boundaries: vec![],
             })
             .collect();
-        let mut resid: Vec<f32> = vec![];
+        // The residual stream between segments: on the host where rows join it, else left where
+        // the segment that wrote it ran (on the GPU with CUDA, so it never crosses to the host).
+        let mut resid = Stream::Host(vec![]);
         let mut active = 0;
         let first = rows.iter().map(|r| r.start).min().unwrap_or(0);
         let n_segments = self.segments.len();
@@ -288,7 +292,10 @@ impl Segments {
                         .resid
                         .as_ref()
                         .ok_or_else(|| anyhow!("a pass starting at segment {k} has no residual stream"))?;
-                    push_positions(&mut resid, cached, pos, pos - span..pos);
+                    let Stream::Host(host) = &mut resid else {
+                        unreachable!("the segment before a join leaves its output on the host")
+                    };
+                    push_positions(host, cached, pos, pos - span..pos);
                 }
                 active += 1;
             }
@@ -305,15 +312,15 @@ impl Segments {
                 inputs.push((name.clone(), tokens(data)?.into_dyn()));
             }
             if let Some(input) = &segment.input {
-                inputs.push((
-                    input.clone(),
+                let value = match std::mem::replace(&mut resid, Stream::Host(vec![])) {
                     // `span` positions, or one after a final-position-only last layer.
-                    OrtTensor::from_array((
-                        vec![b as i64, (resid.len() / (b * d)) as i64, d as i64],
-                        std::mem::take(&mut resid),
-                    ))?
-                    .into_dyn(),
-                ));
+                    Stream::Host(host) => {
+                        OrtTensor::from_array((vec![b as i64, (host.len() / (b * d)) as i64, d as i64], host))?
+                            .into_dyn()
+                    }
+                    Stream::Device(value) => value,
+                };
+                inputs.push((input.clone(), value));
             }
             if let Some(kv) = &segment.prefix {
                 for (index, input_name) in kv {
@@ -379,6 +386,14 @@ impl Segments {
                 inputs.push((graph::mask_input(&self.patchable[h].0), mask));
                 inputs.push((graph::value_input(&self.patchable[h].0), value));
             }
+            // A patched call's stream stays on the device up to the unembedding, but for the
+            // embedding (whose output is cut to the span on the host) and where rows join next.
+            let joins_next = order[b..].iter().any(|&i| rows[i].start == k + 1);
+            if !capture && k > 0 && k + 1 < n_segments && !joins_next {
+                let session = segment.final_position_only.as_mut().unwrap_or(&mut segment.session);
+                resid = Stream::Device(run_on_device(session, &inputs, &segment.output, self.device)?);
+                continue;
+            }
             let result = match (capture, &mut segment.final_position_only) {
                 (true, _) => segment.session.run(inputs),
                 (false, Some(session)) => session.run_with_options(inputs, &segment.main_output_only),
@@ -421,10 +436,39 @@ impl Segments {
                     outputs[i].boundaries.push(std::sync::Arc::new(Tensor::new(vec![len, d], unpadded)));
                 }
             }
-            resid = data;
+            resid = Stream::Host(data);
         }
         Ok(outputs)
     }
+}
+
+/// The residual stream handed from one segment to the next.
+enum Stream {
+    Host(Vec<f32>),
+    /// An ONNX Runtime value in the memory of the segments' device.
+    Device(DynValue),
+}
+
+/// Run `session` on `inputs` and return its `output` left in `device`'s memory.
+fn run_on_device(
+    session: &mut Session,
+    inputs: &[(String, DynValue)],
+    output: &str,
+    device: Device,
+) -> Result<DynValue> {
+    let memory = match device {
+        Device::Cpu => AllocationDevice::CPU,
+        Device::Cuda => AllocationDevice::CUDA,
+    };
+    let memory = MemoryInfo::new(memory, 0, AllocatorType::Device, MemoryType::Default)
+        .map_err(|e| anyhow!("cannot describe {device} memory to ONNX Runtime: {e}"))?;
+    let mut binding = session.create_binding().map_err(|e| anyhow!("cannot bind a segment's inputs: {e}"))?;
+    for (name, value) in inputs {
+        binding.bind_input(name.as_str(), value).map_err(|e| anyhow!("cannot bind input `{name}`: {e}"))?;
+    }
+    binding.bind_output_to_device(output, &memory).map_err(|e| anyhow!("cannot bind output `{output}`: {e}"))?;
+    let mut result = session.run_binding(&binding).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
+    result.remove(output).ok_or_else(|| anyhow!("the segment has no output `{output}`"))
 }
 
 /// Append frame positions `range` of `t` (positions first, unbatched) right-aligned in a frame of
