@@ -23,7 +23,7 @@ use crate::onnx::proto::{data_type, GraphProto, ModelProto};
 use crate::run::engine::{align_right, concrete, crop_right, HookPatch, Output};
 use crate::run::graph;
 use crate::run::readout::{self, Logits};
-use crate::run::suffix::{make_suffix, prefix_input, suffix_axes};
+use crate::run::suffix::{make_suffix, prefix_input, suffix_axes, PREFIX_ROWS};
 use crate::runtime::{self, Batch, Device};
 
 /// One pass through the segments.
@@ -42,7 +42,7 @@ pub struct Row {
     pub from: usize,
     /// The base run's captures ([`Segments::captured`] order): keys and values of the
     /// positions before `from`.
-    pub base: Option<std::sync::Arc<Vec<Tensor>>>,
+    pub base: Option<Arc<Vec<Tensor>>>,
 }
 
 struct Segment {
@@ -280,6 +280,24 @@ impl Segments {
         // The residual stream between segments: on the host where rows join it, else left where
         // the segment that wrote it ran (on the GPU with CUDA, so it never crosses to the host).
         let mut resid = Stream::Host(vec![]);
+        // The distinct base runs of the rows (in `order`), whose keys and values suffix segments
+        // take once each, and each row's index among them.
+        let mut bases: Vec<Option<&Arc<Vec<Tensor>>>> = vec![];
+        let base_of_row: Vec<i64> = order
+            .iter()
+            .map(|&i| {
+                let base = rows[i].base.as_ref();
+                let same = |b: &Option<&Arc<Vec<Tensor>>>| match (b, base) {
+                    (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+                    (x, y) => x.is_none() && y.is_none(),
+                };
+                let at = bases.iter().position(same).unwrap_or_else(|| {
+                    bases.push(base);
+                    bases.len() - 1
+                });
+                at as i64
+            })
+            .collect();
         let mut active = 0;
         let first = rows.iter().map(|r| r.start).min().unwrap_or(0);
         let n_segments = self.segments.len();
@@ -327,18 +345,20 @@ impl Segments {
                     let index = *index;
                     let dims = &self.captured[index].1;
                     let full = concrete(dims, None, pos);
-                    let per_row: usize = full[1..].iter().product::<usize>() * (pos - span);
-                    let mut data = Vec::with_capacity(b * per_row);
-                    for &i in &order[..b] {
-                        match &rows[i].base {
+                    let per_base: usize = full[1..].iter().product::<usize>() * (pos - span);
+                    let mut data = Vec::with_capacity(bases.len() * per_base);
+                    for base in &bases {
+                        match base {
                             Some(base) => push_positions(&mut data, &base[index], pos, 0..pos - span),
-                            None => data.resize(data.len() + per_row, 0.0),
+                            None => data.resize(data.len() + per_base, 0.0),
                         }
                     }
-                    let mut shape = vec![b as i64, (pos - span) as i64];
+                    let mut shape = vec![bases.len() as i64, (pos - span) as i64];
                     shape.extend(full[1..].iter().map(|&x| x as i64));
                     inputs.push((input_name.clone(), OrtTensor::from_array((shape, data))?.into_dyn()));
                 }
+                let picks = base_of_row[..b].to_vec();
+                inputs.push((PREFIX_ROWS.to_string(), OrtTensor::from_array((vec![b as i64], picks))?.into_dyn()));
             }
             for &h in &segment.patched {
                 let dims = &self.patchable[h].1;

@@ -27,15 +27,20 @@ pub(crate) fn suffix_axes(hook: &str, dims: &[Dim]) -> Vec<usize> {
     }
 }
 
-/// Prefix key/value inputs of a suffix segment.
+/// Prefix key/value inputs of a suffix segment: each distinct base run's once
+/// (`[bases, prefix, kv_heads, d_head]`), picked for every row by [`PREFIX_ROWS`].
 pub fn prefix_input(hook: &str) -> String {
-    format!("prefix.{hook}")
+    format!("prefix.bases.{hook}")
 }
+
+/// The input (`[batch]`, int64) naming each row's base run among the prefix inputs' bases.
+pub const PREFIX_ROWS: &str = "prefix.rows";
 
 /// Turn layer `layer`'s segment (reading the residual stream `input`) into one that computes
 /// only the last S positions, S = the length of `input`: queries, MLP and residual stream for
-/// those positions, keys and values for all (the first ones from `prefix.<hook_k>` /
-/// `prefix.<hook_v>` inputs, the cached values of the base run, unchanged there by causality).
+/// those positions, keys and values for all (the first ones from the [`prefix_input`]s, the
+/// cached values of the base runs, unchanged there by causality; the base runs are sent once
+/// each, not once per row, and gathered on the device).
 /// Returns false, leaving `model` as it was, when the graph is not laid out as `patchbay import`
 /// builds it (attention bias from the `mask` scope, RoPE tables from the `rope` scope).
 pub(crate) fn make_suffix(
@@ -125,16 +130,19 @@ pub(crate) fn make_suffix(
         let Some(producer) = g.node.iter_mut().find(|n| n.output.iter().any(|o| o == t)) else { return false };
         let own = format!("{t}.suffix");
         producer.output.iter_mut().filter(|o| *o == t).for_each(|o| *o = own.clone());
-        let prefix = prefix_input(t);
+        let bases = prefix_input(t);
         let dims = [
-            Dim::Symbolic("batch".into()),
+            Dim::Symbolic("bases".into()),
             Dim::Symbolic("prefix".into()),
             Dim::Fixed(manifest.config.n_kv_heads),
             Dim::Fixed(manifest.config.d_head),
         ];
-        g.input.push(crate::onnx::writer::value_info(&prefix, data_type::FLOAT, &dims));
+        g.input.push(crate::onnx::writer::value_info(&bases, data_type::FLOAT, &dims));
+        let prefix = format!("{t}.prefix");
+        added.push(node("Gather", &[&bases, PREFIX_ROWS], &prefix, vec![crate::onnx::writer::attr_int("axis", 0)]));
         added.push(node("Concat", &[&prefix, &own], t, vec![crate::onnx::writer::attr_int("axis", 1)]));
     }
+    g.input.push(crate::onnx::writer::value_info(PREFIX_ROWS, data_type::INT64, &[Dim::Symbolic("batch".into())]));
     let rope_ok = rope_tables == 0 || rope_slices > 0;
     if bias_slices == 0 || !rope_ok {
         *model = original;
