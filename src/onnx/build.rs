@@ -20,7 +20,7 @@ use crate::model::{Architecture, Dim, Manifest, ModelConfig};
 pub const INPUTS: [&str; 3] = ["input_ids", "position_ids", "attention_mask"];
 pub const LOGITS: &str = "logits";
 /// Opset 17: LayerNormalization exists, ReduceMean still takes `axes` as an attribute.
-const OPSET: i64 = 17;
+pub const OPSET: i64 = 17;
 /// Masked attention scores; finite so a fully padded row gives no NaN, and exp() of it is 0.
 const MASKED_SCORE: f32 = -1e9;
 

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::ir::experiment::{CorruptedPrompt, Direction};
-use crate::model::checkpoint::Tensor;
 use crate::model::EMBED_HOOK;
+use crate::run::cache::BaseRun;
 use crate::run::engine::{Engine, HookPatch, Output, Pass};
 use crate::run::metrics;
 use crate::run::passes::{Runs, Setup, VariantValues, Work};
@@ -39,14 +39,7 @@ impl Forward for Segments {
     fn forward(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>> {
         let rows: Vec<segments::Row> = passes
             .iter()
-            .map(|p| segments::Row {
-                ids: p.ids.clone(),
-                patches: p.patches.clone(),
-                start: 0,
-                resid: None,
-                from: 0,
-                base: None,
-            })
+            .map(|p| segments::Row { ids: p.ids.clone(), patches: p.patches.clone(), start: 0, from: 0, base: None })
             .collect();
         self.run(&rows, capture)
     }
@@ -128,7 +121,18 @@ pub fn fast(
     mut log: Option<&mut VariantLog>,
     progress: &dyn Fn(u64),
 ) -> Result<VariantValues> {
-    let runs = cached_runs(setup, model, rows)?;
+    model.release_bases();
+    let mut runs = cached_runs(setup, model, rows)?;
+    model.keep_bases(&base_runs(&runs, setup))?;
+    // Patched passes read the base runs' residual streams, keys and values from the kept copy.
+    runs.clean_bounds.clear();
+    runs.corrupted_bounds.clear();
+    let n_patchable = model.patchable.len();
+    for acts in runs.clean_acts.iter_mut().chain(runs.corrupted_acts.iter_mut().flatten()) {
+        if let Some(acts) = Arc::get_mut(acts) {
+            acts.truncate(n_patchable);
+        }
+    }
     let (n, samples) = (setup.variant.prompts.len(), setup.samples());
     // [run][prompt][sample] -> metric values (logits are read and dropped: a sweep's logits
     // would not fit in memory)
@@ -210,9 +214,8 @@ fn patched_row(setup: &Setup, runs: &Runs, item: &Item) -> segments::Row {
         ids: pass.ids,
         patches,
         start,
-        resid: (start > 0).then(|| base_bounds(runs, setup, p, s)[start - 1].clone()),
         from: from.expect("only passes that change something are queued"),
-        base: Some(base_captures(runs, setup, p, s).clone()),
+        base: Some(base_index(runs, setup, p, s)),
     }
 }
 
@@ -226,19 +229,36 @@ struct Item {
     span: usize,
 }
 
-/// Everything the base run of prompt `p`, sample `s` captured (its keys and values included).
-fn base_captures<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Arc<Vec<Tensor>> {
-    match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
-        (Direction::Denoise, false) => &runs.corrupted_acts[p][s],
-        _ => &runs.clean_acts[p],
+/// Whether patched passes start from the corrupted runs (denoising a corruption), not the clean.
+fn from_corrupted(runs: &Runs, setup: &Setup) -> bool {
+    setup.variant.direction == Direction::Denoise && !runs.corrupted_logits.is_empty()
+}
+
+/// The runs patched passes start from: per prompt, its corrupted runs (one per sample) or its
+/// clean run; [`base_index`] numbers them.
+fn base_runs<'r>(runs: &'r Runs, setup: &Setup) -> Vec<BaseRun<'r>> {
+    match from_corrupted(runs, setup) {
+        true => runs
+            .corrupted_bounds
+            .iter()
+            .zip(&runs.corrupted_acts)
+            .flat_map(|(bounds, acts)| bounds.iter().zip(acts))
+            .map(|(boundaries, captures)| BaseRun { boundaries, captures })
+            .collect(),
+        false => runs
+            .clean_bounds
+            .iter()
+            .zip(&runs.clean_acts)
+            .map(|(boundaries, captures)| BaseRun { boundaries, captures })
+            .collect(),
     }
 }
 
-/// The residual streams the base run of prompt `p`, sample `s` left between segments.
-fn base_bounds<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r [Arc<Tensor>] {
-    match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
-        (Direction::Denoise, false) => &runs.corrupted_bounds[p][s],
-        _ => &runs.clean_bounds[p],
+/// The index of prompt `p`'s base run for sample `s` among [`base_runs`].
+fn base_index(runs: &Runs, setup: &Setup, p: usize, s: usize) -> usize {
+    match from_corrupted(runs, setup) {
+        true => p * setup.samples() + s,
+        false => p,
     }
 }
 

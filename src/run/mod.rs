@@ -2,6 +2,7 @@
 //! variant and the expectations (spec/language.md says what `run` does; the report stage writes
 //! the files).
 
+pub mod cache;
 pub mod engine;
 pub mod execute;
 pub mod expect;

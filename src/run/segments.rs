@@ -14,16 +14,17 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Result};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session};
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor};
 
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
 use crate::onnx::proto::{data_type, GraphProto, ModelProto};
+use crate::run::cache::{BaseCache, BaseRun, CacheOps};
 use crate::run::engine::{align_right, concrete, crop_right, HookPatch, Output};
 use crate::run::graph;
 use crate::run::readout::{self, Logits};
-use crate::run::suffix::{make_suffix, prefix_input, suffix_axes, PREFIX_ROWS};
+use crate::run::suffix::{make_suffix, prefix_input, suffix_axes, PREFIX_END, PREFIX_ROWS, PREFIX_START};
 use crate::runtime::{self, Batch, Device};
 
 /// One pass through the segments.
@@ -35,14 +36,13 @@ pub struct Row {
     pub patches: Vec<HookPatch>,
     /// The segment the pass enters at (0 = embedding, `L + 1` = layer L).
     pub start: usize,
-    /// The residual stream entering segment `start` (`[len, d_model]`), for `start > 0`.
-    pub resid: Option<std::sync::Arc<Tensor>>,
     /// The first position whose activations differ from the base run's (0 for a run of its
     /// own): in suffix mode, earlier positions are not recomputed.
     pub from: usize,
-    /// The base run's captures ([`Segments::captured`] order): keys and values of the
-    /// positions before `from`.
-    pub base: Option<Arc<Vec<Tensor>>>,
+    /// The base run, by its index in the cache ([`Segments::keep_bases`]): its residual stream
+    /// entering segment `start`, and its keys and values at the positions before `from`.
+    /// `None` for a run of its own (`start` and `from` 0).
+    pub base: Option<usize>,
 }
 
 struct Segment {
@@ -79,6 +79,11 @@ pub struct Segments {
     reads: Option<Arc<[u32]>>,
     d_model: usize,
     device: Device,
+    cache_ops: CacheOps,
+    /// The base runs of the variant being patched, on the device.
+    cache: Option<BaseCache>,
+    /// A zero prefix for calls that compute every position (no base run's keys and values).
+    no_prefix: [DynValue; 2],
 }
 
 /// The segment a hook lives in: 0 for layer-less hooks (embeddings), `L + 1` for `blocks.L.*`.
@@ -219,7 +224,41 @@ impl Segments {
                 prefix,
             });
         }
-        Ok(Segments { segments, patchable, captured, suffix, reads, d_model: manifest.config.d_model, device })
+        let no_prefix = {
+            let (heads, d_head) = (manifest.config.n_kv_heads, manifest.config.d_head);
+            let zeros =
+                || OrtTensor::from_array((vec![1i64, 1, heads as i64, d_head as i64], vec![0f32; heads * d_head]));
+            [zeros()?.into_dyn(), zeros()?.into_dyn()]
+        };
+        Ok(Segments {
+            segments,
+            patchable,
+            captured,
+            suffix,
+            reads,
+            d_model: manifest.config.d_model,
+            device,
+            cache_ops: CacheOps::new(&dir.path, device)?,
+            cache: None,
+            no_prefix,
+        })
+    }
+
+    /// Keep `bases` (the runs patched passes start from) on the device for the calls that
+    /// follow; rows name them by index.
+    pub fn keep_bases(&mut self, bases: &[BaseRun]) -> Result<()> {
+        self.release_bases();
+        let layers = self.segments.len() - 2;
+        let keys_values: Vec<[usize; 2]> =
+            self.segments.iter().filter_map(|s| s.prefix.as_ref().map(|[k, v]| [k.0, v.0])).collect();
+        let suffix = self.suffix.then_some(keys_values.as_slice());
+        self.cache = Some(self.cache_ops.stack(bases, layers, suffix)?);
+        Ok(())
+    }
+
+    /// Free the kept base runs (before the next variant's are made).
+    pub fn release_bases(&mut self) {
+        self.cache = None;
     }
 
     /// The tokens whose logits every call returns; `None` when it returns the whole vocabulary's.
@@ -277,49 +316,42 @@ impl Segments {
                 boundaries: vec![],
             })
             .collect();
-        // The residual stream between segments: on the host where rows join it, else left where
-        // the segment that wrote it ran (on the GPU with CUDA, so it never crosses to the host).
+        // The residual stream between segments, left where the segment that wrote it ran (on
+        // the GPU with CUDA, so it never crosses to the host), but for the embedding's.
         let mut resid = Stream::Host(vec![]);
-        // The distinct base runs of the rows (in `order`), whose keys and values suffix segments
-        // take once each, and each row's index among them.
-        let mut bases: Vec<Option<&Arc<Vec<Tensor>>>> = vec![];
-        let base_of_row: Vec<i64> = order
-            .iter()
-            .map(|&i| {
-                let base = rows[i].base.as_ref();
-                let same = |b: &Option<&Arc<Vec<Tensor>>>| match (b, base) {
-                    (Some(x), Some(y)) => Arc::ptr_eq(x, y),
-                    (x, y) => x.is_none() && y.is_none(),
-                };
-                let at = bases.iter().position(same).unwrap_or_else(|| {
-                    bases.push(base);
-                    bases.len() - 1
-                });
-                at as i64
-            })
-            .collect();
+        let base_of_row: Vec<Option<usize>> = order.iter().map(|&i| rows[i].base).collect();
+        if let Some(&i) = order.iter().find(|&&i| rows[i].base.is_none() && (rows[i].start > 0 || span < pos)) {
+            return Err(anyhow!(
+                "a pass entering at segment {} and computing {span} of {pos} positions has no base run",
+                rows[i].start
+            ));
+        }
+        let cache = self.cache.as_ref();
+        let cached =
+            |what: &str| cache.ok_or_else(|| anyhow!("a pass reads its base run's {what}, but no base runs are kept"));
         let mut active = 0;
         let first = rows.iter().map(|r| r.start).min().unwrap_or(0);
         let n_segments = self.segments.len();
         for k in first..n_segments {
-            // Rows starting here join with their cached residual stream.
+            // Rows starting here join with their base run's residual stream, from the cache.
+            let joined = active;
             while active < order.len() && rows[order[active]].start <= k {
-                let row = &rows[order[active]];
-                if k > 0 {
-                    let cached = row
-                        .resid
-                        .as_ref()
-                        .ok_or_else(|| anyhow!("a pass starting at segment {k} has no residual stream"))?;
-                    let Stream::Host(host) = &mut resid else {
-                        unreachable!("the segment before a join leaves its output on the host")
-                    };
-                    push_positions(host, cached, pos, pos - span..pos);
-                }
                 active += 1;
+            }
+            if k > 0 && active > joined {
+                let cache = cached("residual stream")?;
+                let running = match std::mem::replace(&mut resid, Stream::Host(vec![])) {
+                    Stream::Host(host) => {
+                        OrtTensor::from_array((vec![joined as i64, span as i64, d as i64], host))?.into_dyn()
+                    }
+                    Stream::Device(value) => value,
+                };
+                let picks = base_of_row[joined..active].iter().map(|b| b.expect("checked above") as i64).collect();
+                resid = Stream::Device(self.cache_ops.join(running, &cache.resid[k - 1], cache.frame, picks, span)?);
             }
             let b = active;
             let segment = &mut self.segments[k];
-            let mut inputs: Vec<(String, ort::value::DynValue)> = vec![];
+            let mut inputs: Vec<(String, SessionInputValue)> = vec![];
             let tokens = |data: &[i64]| OrtTensor::from_array((vec![b as i64, pos as i64], data[..b * pos].to_vec()));
             for name in &segment.token_inputs {
                 let data = match name.as_str() {
@@ -327,7 +359,7 @@ impl Segments {
                     "position_ids" => &batch.position_ids,
                     _ => &batch.attention_mask,
                 };
-                inputs.push((name.clone(), tokens(data)?.into_dyn()));
+                inputs.push((name.clone(), tokens(data)?.into_dyn().into()));
             }
             if let Some(input) = &segment.input {
                 let value = match std::mem::replace(&mut resid, Stream::Host(vec![])) {
@@ -338,27 +370,29 @@ impl Segments {
                     }
                     Stream::Device(value) => value,
                 };
-                inputs.push((input.clone(), value));
+                inputs.push((input.clone(), value.into()));
             }
-            if let Some(kv) = &segment.prefix {
-                for (index, input_name) in kv {
-                    let index = *index;
-                    let dims = &self.captured[index].1;
-                    let full = concrete(dims, None, pos);
-                    let per_base: usize = full[1..].iter().product::<usize>() * (pos - span);
-                    let mut data = Vec::with_capacity(bases.len() * per_base);
-                    for base in &bases {
-                        match base {
-                            Some(base) => push_positions(&mut data, &base[index], pos, 0..pos - span),
-                            None => data.resize(data.len() + per_base, 0.0),
-                        }
+            if let Some([(_, keys), (_, values)]) = &segment.prefix {
+                // The positions before the span, from each row's base run (none when the span is
+                // every position).
+                let (tables, window) = match span < pos {
+                    true => {
+                        let cache = cached("keys and values")?;
+                        (&cache.keys_values[k - 1], [(cache.frame - pos) as i64, (cache.frame - span) as i64])
                     }
-                    let mut shape = vec![bases.len() as i64, (pos - span) as i64];
-                    shape.extend(full[1..].iter().map(|&x| x as i64));
-                    inputs.push((input_name.clone(), OrtTensor::from_array((shape, data))?.into_dyn()));
+                    false => (&self.no_prefix, [0, 0]),
+                };
+                inputs.push((keys.clone(), (&tables[0]).into()));
+                inputs.push((values.clone(), (&tables[1]).into()));
+                let picks: Vec<i64> = match span < pos {
+                    true => base_of_row[..b].iter().map(|x| x.expect("checked above") as i64).collect(),
+                    false => vec![0; b],
+                };
+                inputs
+                    .push((PREFIX_ROWS.to_string(), OrtTensor::from_array((vec![b as i64], picks))?.into_dyn().into()));
+                for (name, at) in [(PREFIX_START, window[0]), (PREFIX_END, window[1])] {
+                    inputs.push((name.to_string(), OrtTensor::from_array((vec![1i64], vec![at]))?.into_dyn().into()));
                 }
-                let picks = base_of_row[..b].to_vec();
-                inputs.push((PREFIX_ROWS.to_string(), OrtTensor::from_array((vec![b as i64], picks))?.into_dyn()));
             }
             for &h in &segment.patched {
                 let dims = &self.patchable[h].1;
@@ -403,13 +437,12 @@ impl Segments {
                         OrtTensor::from_array((shape, value))?.into_dyn(),
                     )
                 };
-                inputs.push((graph::mask_input(&self.patchable[h].0), mask));
-                inputs.push((graph::value_input(&self.patchable[h].0), value));
+                inputs.push((graph::mask_input(&self.patchable[h].0), mask.into()));
+                inputs.push((graph::value_input(&self.patchable[h].0), value.into()));
             }
             // A patched call's stream stays on the device up to the unembedding, but for the
-            // embedding (whose output is cut to the span on the host) and where rows join next.
-            let joins_next = order[b..].iter().any(|&i| rows[i].start == k + 1);
-            if !capture && k > 0 && k + 1 < n_segments && !joins_next {
+            // embedding's, cut to the span on the host.
+            if !capture && k > 0 && k + 1 < n_segments {
                 let session = segment.final_position_only.as_mut().unwrap_or(&mut segment.session);
                 resid = Stream::Device(run_on_device(session, &inputs, &segment.output, self.device)?);
                 continue;
@@ -470,9 +503,9 @@ enum Stream {
 }
 
 /// Run `session` on `inputs` and return its `output` left in `device`'s memory.
-fn run_on_device(
+pub(crate) fn run_on_device(
     session: &mut Session,
-    inputs: &[(String, DynValue)],
+    inputs: &[(String, SessionInputValue)],
     output: &str,
     device: Device,
 ) -> Result<DynValue> {
@@ -484,23 +517,11 @@ fn run_on_device(
         .map_err(|e| anyhow!("cannot describe {device} memory to ONNX Runtime: {e}"))?;
     let mut binding = session.create_binding().map_err(|e| anyhow!("cannot bind a segment's inputs: {e}"))?;
     for (name, value) in inputs {
-        binding.bind_input(name.as_str(), value).map_err(|e| anyhow!("cannot bind input `{name}`: {e}"))?;
+        binding.bind_input(name.as_str(), &**value).map_err(|e| anyhow!("cannot bind input `{name}`: {e}"))?;
     }
     binding.bind_output_to_device(output, &memory).map_err(|e| anyhow!("cannot bind output `{output}`: {e}"))?;
     let mut result = session.run_binding(&binding).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
     result.remove(output).ok_or_else(|| anyhow!("the segment has no output `{output}`"))
-}
-
-/// Append frame positions `range` of `t` (positions first, unbatched) right-aligned in a frame of
-/// `pos` positions: the frame's left padding reads as zeros.
-fn push_positions(out: &mut Vec<f32>, t: &Tensor, pos: usize, range: std::ops::Range<usize>) {
-    let stride: usize = t.shape[1..].iter().product();
-    let pad = pos - t.shape[0];
-    let data_from = pad.clamp(range.start, range.end);
-    out.resize(out.len() + (data_from - range.start) * stride, 0.0);
-    if data_from < range.end {
-        out.extend_from_slice(&t.data[(data_from - pad) * stride..(range.end - pad) * stride]);
-    }
 }
 
 /// The part of `model` that computes `outputs` from `input` (a tensor made a graph input, of
@@ -535,24 +556,4 @@ fn extract(model: &ModelProto, input: Option<&str>, outputs: &[String], d_model:
         });
     }
     Ok(ModelProto { graph: Some(graph), ..model.clone() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn positions_of_a_right_aligned_tensor() {
-        // Two positions of width 3 at the end of a frame of 4 positions.
-        let t = Tensor::new(vec![2, 3], (0..6).map(|x| x as f32).collect());
-        let take = |range: std::ops::Range<usize>| {
-            let mut out = vec![];
-            push_positions(&mut out, &t, 4, range);
-            out
-        };
-        assert_eq!(take(0..4), [0., 0., 0., 0., 0., 0., 0., 1., 2., 3., 4., 5.]);
-        assert_eq!(take(1..3), [0., 0., 0., 0., 1., 2.]);
-        assert_eq!(take(3..4), [3., 4., 5.]);
-        assert_eq!(take(0..2), [0.; 6], "a prefix inside the padding");
-    }
 }

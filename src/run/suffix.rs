@@ -27,20 +27,23 @@ pub(crate) fn suffix_axes(hook: &str, dims: &[Dim]) -> Vec<usize> {
     }
 }
 
-/// Prefix key/value inputs of a suffix segment: each distinct base run's once
-/// (`[bases, prefix, kv_heads, d_head]`), picked for every row by [`PREFIX_ROWS`].
+/// Prefix key/value inputs of a suffix segment: every base run's keys or values
+/// (`[bases, frame, kv_heads, d_head]`, the base run cache's), from which each row takes its
+/// base run's ([`PREFIX_ROWS`]) at the frame positions [`PREFIX_START`]..[`PREFIX_END`].
 pub fn prefix_input(hook: &str) -> String {
     format!("prefix.bases.{hook}")
 }
 
 /// The input (`[batch]`, int64) naming each row's base run among the prefix inputs' bases.
 pub const PREFIX_ROWS: &str = "prefix.rows";
+/// The inputs (`[1]`, int64) bounding the prefix positions in the bases' frame.
+pub const PREFIX_START: &str = "prefix.start";
+pub const PREFIX_END: &str = "prefix.end";
 
 /// Turn layer `layer`'s segment (reading the residual stream `input`) into one that computes
 /// only the last S positions, S = the length of `input`: queries, MLP and residual stream for
 /// those positions, keys and values for all (the first ones from the [`prefix_input`]s, the
-/// cached values of the base runs, unchanged there by causality; the base runs are sent once
-/// each, not once per row, and gathered on the device).
+/// cached values of the base runs, unchanged there by causality, gathered on the device).
 /// Returns false, leaving `model` as it was, when the graph is not laid out as `patchbay import`
 /// builds it (attention bias from the `mask` scope, RoPE tables from the `rope` scope).
 pub(crate) fn make_suffix(
@@ -133,16 +136,20 @@ pub(crate) fn make_suffix(
         let bases = prefix_input(t);
         let dims = [
             Dim::Symbolic("bases".into()),
-            Dim::Symbolic("prefix".into()),
+            Dim::Symbolic("frame".into()),
             Dim::Fixed(manifest.config.n_kv_heads),
             Dim::Fixed(manifest.config.d_head),
         ];
         g.input.push(crate::onnx::writer::value_info(&bases, data_type::FLOAT, &dims));
-        let prefix = format!("{t}.prefix");
-        added.push(node("Gather", &[&bases, PREFIX_ROWS], &prefix, vec![crate::onnx::writer::attr_int("axis", 0)]));
+        let (picked, prefix) = (format!("{t}.picked"), format!("{t}.prefix"));
+        added.push(node("Gather", &[&bases, PREFIX_ROWS], &picked, vec![crate::onnx::writer::attr_int("axis", 0)]));
+        added.push(node("Slice", &[&picked, PREFIX_START, PREFIX_END, "suffix.axis1"], &prefix, vec![]));
         added.push(node("Concat", &[&prefix, &own], t, vec![crate::onnx::writer::attr_int("axis", 1)]));
     }
     g.input.push(crate::onnx::writer::value_info(PREFIX_ROWS, data_type::INT64, &[Dim::Symbolic("batch".into())]));
+    for bound in [PREFIX_START, PREFIX_END] {
+        g.input.push(crate::onnx::writer::value_info(bound, data_type::INT64, &[Dim::Fixed(1)]));
+    }
     let rope_ok = rope_tables == 0 || rope_slices > 0;
     if bias_slices == 0 || !rope_ok {
         *model = original;
