@@ -593,3 +593,15 @@ fn special_and_huge_files_are_refused() {
     let out = patchbay::syntax::parse_file(Path::new("/dev/zero")).unwrap_err();
     assert!(out[0].render_plain().contains("is not a regular file"));
 }
+
+/// `by attribution` and `verify top k`: `verify` needs an estimate and a positive count, and
+/// `by atp*` is refused by name (AtP* is not implemented).
+#[test]
+fn attribution_options() {
+    insta::assert_snapshot!(diagnose(
+        &with_head(
+            "corruption s2 = replace S2 with IO\npatch a = attn.hook_z layers 1 heads all by attribution verify top 0\npatch b = attn.hook_z layers 1 verify top 2\npatch c = hook_resid_pre layers all by atp*\nmetric ld = logit_diff\n"
+        ),
+        &[]
+    ));
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use patchbay::report::page::{self, read};
 
 const METRICS: [&str; 2] = ["ld", "p"];
-const HEADER: &str = "experiment,variant,dataset,corruption,direction,target,component,hook,layer,head,position,position_label,window,baseline,n_prompts,n_samples";
+const HEADER: &str = "experiment,variant,dataset,corruption,direction,target,component,hook,layer,head,position,position_label,window,baseline,n_prompts,n_samples,method";
 
 /// One CSV row of the test experiment.
 #[derive(Clone, Debug)]
@@ -108,7 +108,7 @@ fn num(x: f64) -> String {
 fn csv_text(rows: &[R]) -> String {
     let mut s = HEADER.to_string();
     for m in METRICS {
-        for suffix in ["", "_effect", "_patched", "_clean", "_corrupted", "_sem"] {
+        for suffix in ["", "_effect", "_patched", "_clean", "_corrupted", "_sem", "_estimate"] {
             s += &format!(",{m}{suffix}");
         }
     }
@@ -134,6 +134,7 @@ fn csv_text(rows: &[R]) -> String {
             if r.summation { "summation".into() } else { String::new() },
             "8".into(),
             "1".into(),
+            "exact".into(),
         ];
         let mut line: Vec<String> = fields
             .iter()
@@ -142,7 +143,7 @@ fn csv_text(rows: &[R]) -> String {
         for v in r.values {
             let patched = if r.summation { String::new() } else { num(v - 0.5) };
             let sem = if r.summation { String::new() } else { "0.01".into() };
-            line.extend([num(v), num(v * 2.0), patched, "1.5".into(), "-0.5".into(), sem]);
+            line.extend([num(v), num(v * 2.0), patched, "1.5".into(), "-0.5".into(), sem, String::new()]);
         }
         s += &line.join(",");
         s.push('\n');
@@ -537,7 +538,7 @@ fn bad_csvs_are_refused_naming_the_problem() {
     assert!(error_of("a,b\n1,2\n").contains("x.csv is not a patchbay result CSV"));
     assert!(error_of("a,b\n1,2\n").contains("help:"));
     assert!(error_of(&good.replacen(",hook,", ",hooks,", 1)).contains("lacks the column `hook`"));
-    let per_prompt = good.replacen("n_samples,ld,", "n_samples,prompt_index,sample,ld,", 1);
+    let per_prompt = good.replacen("method,ld,", "method,prompt_index,sample,ld,", 1);
     assert!(error_of(&per_prompt).contains("per-prompt CSV"));
     let no_sem = good.lines().next().unwrap().replace(",p_sem", "") + "\n";
     assert!(error_of(&no_sem).contains("lacks the column `p_sem`"));

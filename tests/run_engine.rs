@@ -320,7 +320,7 @@ fn reruns_write_byte_identical_results() {
         (std::fs::read(tmp.path().join("out/r.csv")).unwrap(), std::fs::read(tmp.path().join("out/p.csv")).unwrap());
     assert_eq!(first, second);
     let csv = String::from_utf8(first.0).unwrap();
-    assert!(csv.starts_with("experiment,variant,dataset,corruption,direction,target,component,hook,layer,head,position,position_label,window,baseline,n_prompts,n_samples,ld,ld_effect,ld_patched,ld_clean,ld_corrupted,ld_sem\n"));
+    assert!(csv.starts_with("experiment,variant,dataset,corruption,direction,target,component,hook,layer,head,position,position_label,window,baseline,n_prompts,n_samples,method,ld,ld_effect,ld_patched,ld_clean,ld_corrupted,ld_sem,ld_estimate\n"));
     assert!(tmp.path().join("out/r.provenance.json").is_file());
 }
 

@@ -98,6 +98,9 @@ pub enum CheckError {
     PositionOutOfRange { position: String, dataset: String, n_tokens: i64 },
     PositionsEachUnequalLengths { dataset: String, min: usize, max: usize },
     SummationWithoutWindow,
+    VerifyWithoutEstimate,
+    VerifyCount { count: i64 },
+    AtpStarUnsupported,
     WindowWithoutLayers,
     WindowOutOfRange { window: String, n_layers: usize },
     // Metrics, the sweep and expectations.
@@ -320,6 +323,9 @@ impl CheckError {
             PositionOutOfRange { .. } => "patchbay::position_out_of_range",
             PositionsEachUnequalLengths { .. } => "patchbay::positions_each_unequal_lengths",
             SummationWithoutWindow => "patchbay::summation_without_window",
+            VerifyWithoutEstimate => "patchbay::verify_without_estimate",
+            VerifyCount { .. } => "patchbay::verify_count",
+            AtpStarUnsupported => "patchbay::atp_star_unsupported",
             WindowWithoutLayers => "patchbay::window_without_layers",
             WindowOutOfRange { .. } => "patchbay::window_out_of_range",
             NoDataset => "patchbay::no_dataset",
@@ -474,6 +480,11 @@ impl CheckError {
                 format!("`positions each` needs prompts of one token count; `{dataset}` has {min}..{max}")
             }
             SummationWithoutWindow => "the summation baseline compares against sliding windows".into(),
+            VerifyWithoutEstimate => "`verify top k` checks estimates, but this target is patched exactly".into(),
+            VerifyCount { count } => format!("`verify top {count}` verifies no component"),
+            AtpStarUnsupported => {
+                "`by atp*` (AtP*: the QK fix and GradDrop) is not implemented yet; only plain AtP is".into()
+            }
             WindowWithoutLayers => "a sliding window needs a hook with layers".into(),
             WindowOutOfRange { window, n_layers } => {
                 format!("window {window} is out of range: windows span 1..{n_layers} layers")

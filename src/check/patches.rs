@@ -5,7 +5,7 @@ use super::error::{overflowed, CheckError};
 use crate::diag::{did_you_mean, Diagnostic, Span};
 use crate::ir::experiment::*;
 use crate::model::{Dim, Manifest};
-use crate::syntax::ast::{self, Ident, PositionSel, SelItem, Selection, Spanned};
+use crate::syntax::ast::{self, Estimator, Ident, PositionSel, SelItem, Selection, Spanned};
 
 impl Checker<'_> {
     /// Resolve each patch target (against the datasets of the sweep, for positions).
@@ -195,6 +195,26 @@ fn patch(
     if let (Some(s), None) = (&p.summation, &p.window) {
         errors.push(CheckError::SummationWithoutWindow.at(s));
     }
+    let method = match &p.estimate {
+        None => Method::Exact,
+        Some(e) if e.node == Estimator::AtpStar => {
+            errors.push(CheckError::AtpStarUnsupported.at(&e.span));
+            Method::Exact
+        }
+        Some(_) => Method::Attribution,
+    };
+    let verify = match (&p.verify, &p.estimate) {
+        (None, _) => None,
+        (Some(v), None) => {
+            errors.push(CheckError::VerifyWithoutEstimate.at(&v.span));
+            None
+        }
+        (Some(v), Some(_)) if v.node < 1 => {
+            errors.push(CheckError::VerifyCount { count: v.node }.at(&v.span));
+            None
+        }
+        (Some(v), Some(_)) => Some(v.node as usize),
+    };
     let manifest = manifest?;
     let nl = manifest.config.n_layers;
     let mut hooks = Vec::new();
@@ -300,5 +320,7 @@ fn patch(
         positions,
         windows,
         summation: p.summation.is_some(),
+        method,
+        verify,
     })
 }

@@ -236,6 +236,30 @@ pub struct PatchTarget {
     /// Sliding windows (w layers patched jointly around each layer).
     pub windows: Option<Vec<usize>>,
     pub summation: bool,
+    /// How the target's components are measured.
+    pub method: Method,
+    /// With [`Method::Attribution`]: how many components of largest |estimate| are also
+    /// patched exactly.
+    pub verify: Option<usize>,
+}
+
+/// How a target's effects are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Method {
+    /// Activation patching: one patched forward pass per component.
+    Exact,
+    /// Attribution patching (AtP): a first-order estimate from the metric's gradient at the
+    /// base run.
+    Attribution,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Exact => "exact",
+            Method::Attribution => "attribution",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -110,6 +110,11 @@ pub struct PatchRun {
     pub baseline_only: bool,
     /// The target asks for the summation baseline of its windows.
     pub summation: bool,
+    /// Patched exactly, or estimated by attribution patching.
+    pub method: Method,
+    /// Estimated targets: how many of the target's components of largest |estimate| are also
+    /// patched exactly.
+    pub verify: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -117,6 +122,8 @@ pub struct Counts {
     pub clean_runs: u64,
     pub corrupted_runs: u64,
     pub patched_runs: u64,
+    /// Patched runs estimated by attribution patching instead (no forward pass each).
+    pub estimated_runs: u64,
     /// Patched runs weighted by the fraction of layers they recompute (start late).
     pub layer_fraction_runs: f64,
     /// One forward pass per patch, re-running clean and corrupted per variant and target.
@@ -270,6 +277,12 @@ impl fmt::Display for Plan {
                 if baseline > 0 {
                     write!(f, " ({baseline} single-layer runs for the summation baseline)")?;
                 }
+                if let Some(first) = ps.first().filter(|p| p.method == Method::Attribution) {
+                    write!(f, ", estimated by attribution patching")?;
+                    if let Some(k) = first.verify {
+                        write!(f, " (the top {k} by |estimate| also patched exactly)")?;
+                    }
+                }
                 let labels: Vec<&str> = ps.iter().map(|p| p.label.as_str()).collect();
                 let shown = if labels.len() > 6 {
                     format!("{}, ..., {}", labels[..4].join(", "), labels[labels.len() - 1])
@@ -283,6 +296,13 @@ impl fmt::Display for Plan {
                 "  forward passes: {} clean + {} corrupted + {} patched; naive one pass per patch: {}",
                 v.counts.clean_runs, v.counts.corrupted_runs, v.counts.patched_runs, v.counts.naive_runs
             )?;
+            if v.counts.estimated_runs > 0 {
+                writeln!(
+                    f,
+                    "  estimated by attribution patching: {} patched runs, from one backward pass per base run and metric",
+                    v.counts.estimated_runs
+                )?;
+            }
         }
         let c = &self.counts;
         writeln!(

@@ -1,6 +1,7 @@
-//! ONNX graphs: the protobuf messages, building a transformer graph with hook tensors, and
-//! writing weights as external data.
+//! ONNX graphs: the protobuf messages, building a transformer graph with hook tensors,
+//! writing weights as external data, and differentiating a graph (reverse mode).
 
+pub mod autodiff;
 pub mod build;
 pub mod proto;
 pub mod surgery;

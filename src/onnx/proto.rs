@@ -72,6 +72,7 @@ pub mod attribute_type {
     pub const FLOAT: i32 = 1;
     pub const BOOL: i32 = 9;
     pub const INT: i32 = 2;
+    pub const STRING: i32 = 3;
     pub const INTS: i32 = 7;
 }
 

@@ -94,11 +94,26 @@ fn expand_patches(t: &PatchTarget, n_layers: usize, common_len: Option<usize>) -
                     window: *window,
                     baseline_only: *baseline_only,
                     summation: t.summation,
+                    method: t.method,
+                    verify: t.verify,
                 });
             }
         }
     }
     out
+}
+
+/// How many estimated runs are also patched exactly: each estimated target's `verify top k`, at
+/// most its components.
+fn verified(patches: &[PatchRun]) -> u64 {
+    let mut per_target: Vec<(&str, usize, usize)> = vec![];
+    for p in patches.iter().filter(|p| p.method == Method::Attribution && !p.baseline_only) {
+        match per_target.iter_mut().find(|(t, ..)| *t == p.target) {
+            Some((_, runs, _)) => *runs += 1,
+            None => per_target.push((&p.target, 1, p.verify.unwrap_or(0))),
+        }
+    }
+    per_target.iter().map(|&(_, runs, k)| runs.min(k) as u64).sum()
 }
 
 /// Compile a checked experiment into its execution plan.
@@ -135,9 +150,12 @@ pub fn plan(exp: &Experiment) -> Plan {
                     }
                 }
                 let reps = n * samples;
-                counts.patched_runs = reps * patches.len() as u64;
+                let estimated = patches.iter().filter(|p| p.method == Method::Attribution).count() as u64;
+                counts.patched_runs = reps * (patches.len() as u64 - estimated + verified(&patches));
+                counts.estimated_runs = reps * estimated;
                 counts.layer_fraction_runs = patches
                     .iter()
+                    .filter(|p| p.method == Method::Exact)
                     .map(|p| {
                         let first = p.layers.iter().min().copied().unwrap_or(0);
                         reps as f64 * (n_layers - first) as f64 / n_layers as f64
@@ -146,6 +164,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                 counts.naive_runs = reps * patches.len() as u64
                     + exp.sweep.patches.len() as u64 * (n + if c.kind.is_ablation() { 0 } else { n * samples });
                 total.patched_runs += counts.patched_runs;
+                total.estimated_runs += counts.estimated_runs;
                 total.layer_fraction_runs += counts.layer_fraction_runs;
                 total.naive_runs += counts.naive_runs;
                 cache_bytes = cache_bytes.max(cache_estimate(exp, ds, &patches, c, dir));

@@ -7,7 +7,7 @@ use crate::ir::plan::Plan;
 use crate::run::results::Row;
 
 /// Key columns, in order, before the metric columns.
-pub const KEY_COLUMNS: [&str; 16] = [
+pub const KEY_COLUMNS: [&str; 17] = [
     "experiment",
     "variant",
     "dataset",
@@ -24,7 +24,11 @@ pub const KEY_COLUMNS: [&str; 16] = [
     "baseline",
     "n_prompts",
     "n_samples",
+    "method",
 ];
+
+/// The columns of each metric `m`, after its name: `m`, `m_effect`, ...
+pub const METRIC_SUFFIXES: [&str; 7] = ["", "_effect", "_patched", "_clean", "_corrupted", "_sem", "_estimate"];
 
 fn num(x: Option<f64>) -> String {
     x.map(|v| v.to_string()).unwrap_or_default()
@@ -53,6 +57,7 @@ fn keys(plan: &Plan, row: &Row) -> Vec<String> {
         if row.summation { "summation".into() } else { String::new() },
         v.prompts.len().to_string(),
         v.corruption_kind.samples().to_string(),
+        row.method.name().to_string(),
     ]
 }
 
@@ -61,7 +66,7 @@ pub fn csv(plan: &Plan, rows: &[Row]) -> Result<Vec<u8>> {
     let mut w = csv::Writer::from_writer(vec![]);
     let mut header: Vec<String> = KEY_COLUMNS.iter().map(|s| s.to_string()).collect();
     for m in &plan.metrics {
-        for suffix in ["", "_effect", "_patched", "_clean", "_corrupted", "_sem"] {
+        for suffix in METRIC_SUFFIXES {
             header.push(format!("{}{suffix}", m.name));
         }
     }
@@ -76,6 +81,7 @@ pub fn csv(plan: &Plan, rows: &[Row]) -> Result<Vec<u8>> {
                 num(Some(c.clean)),
                 num(c.corrupted),
                 num(c.sem),
+                num(c.estimate),
             ]);
         }
         w.write_record(&record)?;

@@ -3,6 +3,7 @@
 //! [`page`]), and the terminal summary. Every file is written to a temporary file in its folder
 //! and renamed into place, so a crash never leaves a truncated result.
 
+pub mod agreement;
 pub mod csv;
 pub mod page;
 pub mod provenance;

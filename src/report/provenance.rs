@@ -55,6 +55,7 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             .zip(&outcome.tasks)
             .map(|(v, task)| serde_json::json!({"variant": v.label, "task": task}))
             .collect::<Vec<_>>(),
+        "attribution_agreement": crate::report::agreement::agreements(plan, &outcome.rows),
         "expectations": outcome
             .verdicts
             .iter()
@@ -64,7 +65,9 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             "clean_runs": plan.counts.clean_runs,
             "corrupted_runs": plan.counts.corrupted_runs,
             "patched_runs_planned": plan.counts.patched_runs,
+            "estimated_runs_planned": plan.counts.estimated_runs,
             "patched_passes_run": passes,
+            "backward_passes_run": outcome.work.backward_passes,
         },
         // Not part of the results: reruns differ only here.
         "wall_seconds": (seconds * 10.0).round() / 10.0,

@@ -12,7 +12,12 @@ pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
     use std::fmt::Write as _;
     let plan = &outcome.plan;
     let mut s = String::new();
-    let _ = writeln!(s, "{}: {} patched passes in {:.1} s", plan.experiment, outcome.work.passes, outcome.seconds);
+    let _ = write!(s, "{}: {} patched passes", plan.experiment, outcome.work.passes);
+    if outcome.work.backward_passes > 0 {
+        let _ = write!(s, " and {} forward-and-backward passes (attribution)", outcome.work.backward_passes);
+    }
+    let _ = writeln!(s, " in {:.1} s", outcome.seconds);
+    let agreements = crate::report::agreement::agreements(plan, &outcome.rows);
     for (v, variant) in plan.variants.iter().enumerate() {
         let _ = writeln!(s, "\n{} ({} prompts)", variant.label, variant.prompts.len());
         // Once per dataset: its variants share the clean runs.
@@ -44,6 +49,29 @@ pub fn summary(outcome: &Outcome, written: &[PathBuf]) -> String {
                 let _ = write!(s, " {} {} {value},", r.target, r.component);
             }
             s.pop();
+            s.push('\n');
+        }
+        for a in agreements.iter().filter(|a| a.variant == variant.label) {
+            let spearman = a.spearman.map_or("-".to_string(), |x| format!("{x:.3}"));
+            let _ = write!(
+                s,
+                "  {} estimated against {} patched exactly, {}, {} components: Spearman {spearman}, top-{} recall {}/{}",
+                a.estimated, a.exact, a.metric, a.components, a.k, a.recalled, a.k
+            );
+            if !a.misses.is_empty() {
+                let misses: Vec<String> = a
+                    .misses
+                    .iter()
+                    .take(3)
+                    .map(|m| {
+                        format!(
+                            "{} ({:.3}, estimated {:.3}, rank {})",
+                            m.component, m.exact, m.estimate, m.estimate_rank
+                        )
+                    })
+                    .collect();
+                let _ = write!(s, "; missed {}", misses.join(", "));
+            }
             s.push('\n');
         }
     }

@@ -6,7 +6,7 @@
 
 use anyhow::{anyhow, Result};
 use ort::session::Session;
-use ort::value::Tensor as OrtTensor;
+use ort::value::{DynValue, Tensor as OrtTensor};
 
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelDir};
@@ -82,44 +82,8 @@ impl Engine {
 
     /// Run `passes` as one batch.
     pub fn run(&mut self, passes: &[Pass], capture: bool) -> Result<Vec<Output>> {
-        let sequences: Vec<Vec<u32>> = passes.iter().map(|p| p.ids.clone()).collect();
-        let batch = Batch::new(&sequences);
-        let (b, pos) = (batch.batch, batch.pos);
-        let tokens = |data: &Vec<i64>| OrtTensor::from_array((vec![b as i64, pos as i64], data.clone()));
-        let mut inputs: Vec<(String, ort::value::DynValue)> = vec![
-            ("input_ids".into(), tokens(&batch.input_ids)?.into_dyn()),
-            ("position_ids".into(), tokens(&batch.position_ids)?.into_dyn()),
-            ("attention_mask".into(), tokens(&batch.attention_mask)?.into_dyn()),
-        ];
-        for (index, (hook, dims)) in self.patchable.iter().enumerate() {
-            let (mask, value) = if passes.iter().any(|p| p.patches.iter().any(|x| x.hook == index)) {
-                let padded = concrete(dims, Some(b), pos);
-                let row_len: usize = padded[1..].iter().product();
-                let mut mask = vec![false; b * row_len];
-                let mut value = vec![0f32; b * row_len];
-                for (row, pass) in passes.iter().enumerate() {
-                    let own = concrete(dims, None, pass.ids.len());
-                    for patch in pass.patches.iter().filter(|x| x.hook == index) {
-                        let at = row * row_len;
-                        align_right(&mut mask[at..at + row_len], &padded[1..], &patch.mask, &own, |d, s| *d = *d || s);
-                        align_right(&mut value[at..at + row_len], &padded[1..], &patch.value, &own, |d, s| *d = s);
-                    }
-                }
-                let shape: Vec<i64> = padded.iter().map(|&d| d as i64).collect();
-                (
-                    OrtTensor::from_array((shape.clone(), mask))?.into_dyn(),
-                    OrtTensor::from_array((shape, value))?.into_dyn(),
-                )
-            } else {
-                let ones = vec![1i64; dims.len()];
-                (
-                    OrtTensor::from_array((ones.clone(), vec![false]))?.into_dyn(),
-                    OrtTensor::from_array((ones, vec![0f32]))?.into_dyn(),
-                )
-            };
-            inputs.push((graph::mask_input(hook), mask));
-            inputs.push((graph::value_input(hook), value));
-        }
+        let (batch, inputs) = inputs(&self.patchable, passes)?;
+        let b = batch.batch;
         let session = if capture { &mut self.capture_session } else { &mut self.patch_session };
         let result = session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
         let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
@@ -141,17 +105,72 @@ impl Engine {
         if capture {
             for ((_, dims), output) in self.captured.iter().zip(&self.capture_outputs) {
                 let (shape, data) = extract(output)?;
-                let row_len: usize = shape[1..].iter().product();
-                for (row, out) in outputs.iter_mut().enumerate() {
-                    let own = concrete(dims, None, passes[row].ids.len());
-                    let mut unpadded = vec![0f32; own.iter().product()];
-                    crop_right(&mut unpadded, &own, &data[row * row_len..(row + 1) * row_len], &shape[1..]);
-                    out.captures.push(Tensor::new(own, unpadded));
+                for (out, tensor) in outputs.iter_mut().zip(unpad(&data, &shape, dims, passes)) {
+                    out.captures.push(tensor);
                 }
             }
         }
         Ok(outputs)
     }
+}
+
+/// A batch of `passes` and the inputs of a patchable full graph for it: the tokens, and every
+/// patchable hook's mask and value (a single `false` where no pass patches the hook).
+pub(crate) fn inputs(patchable: &[(String, Vec<Dim>)], passes: &[Pass]) -> Result<(Batch, Vec<(String, DynValue)>)> {
+    let sequences: Vec<Vec<u32>> = passes.iter().map(|p| p.ids.clone()).collect();
+    let batch = Batch::new(&sequences);
+    let (b, pos) = (batch.batch, batch.pos);
+    let tokens = |data: &Vec<i64>| OrtTensor::from_array((vec![b as i64, pos as i64], data.clone()));
+    let mut inputs: Vec<(String, DynValue)> = vec![
+        ("input_ids".into(), tokens(&batch.input_ids)?.into_dyn()),
+        ("position_ids".into(), tokens(&batch.position_ids)?.into_dyn()),
+        ("attention_mask".into(), tokens(&batch.attention_mask)?.into_dyn()),
+    ];
+    for (index, (hook, dims)) in patchable.iter().enumerate() {
+        let (mask, value) = if passes.iter().any(|p| p.patches.iter().any(|x| x.hook == index)) {
+            let padded = concrete(dims, Some(b), pos);
+            let row_len: usize = padded[1..].iter().product();
+            let mut mask = vec![false; b * row_len];
+            let mut value = vec![0f32; b * row_len];
+            for (row, pass) in passes.iter().enumerate() {
+                let own = concrete(dims, None, pass.ids.len());
+                for patch in pass.patches.iter().filter(|x| x.hook == index) {
+                    let at = row * row_len;
+                    align_right(&mut mask[at..at + row_len], &padded[1..], &patch.mask, &own, |d, s| *d = *d || s);
+                    align_right(&mut value[at..at + row_len], &padded[1..], &patch.value, &own, |d, s| *d = s);
+                }
+            }
+            let shape: Vec<i64> = padded.iter().map(|&d| d as i64).collect();
+            (
+                OrtTensor::from_array((shape.clone(), mask))?.into_dyn(),
+                OrtTensor::from_array((shape, value))?.into_dyn(),
+            )
+        } else {
+            let ones = vec![1i64; dims.len()];
+            (
+                OrtTensor::from_array((ones.clone(), vec![false]))?.into_dyn(),
+                OrtTensor::from_array((ones, vec![0f32]))?.into_dyn(),
+            )
+        };
+        inputs.push((graph::mask_input(hook), mask));
+        inputs.push((graph::value_input(hook), value));
+    }
+    Ok((batch, inputs))
+}
+
+/// `data` (`[batch, ...]`, left-padded rows) cut into each pass's unpadded `dims`.
+pub(crate) fn unpad(data: &[f32], shape: &[usize], dims: &[Dim], passes: &[Pass]) -> Vec<Tensor> {
+    let row_len: usize = shape[1..].iter().product();
+    passes
+        .iter()
+        .enumerate()
+        .map(|(row, pass)| {
+            let own = concrete(dims, None, pass.ids.len());
+            let mut unpadded = vec![0f32; own.iter().product()];
+            crop_right(&mut unpadded, &own, &data[row * row_len..(row + 1) * row_len], &shape[1..]);
+            Tensor::new(own, unpadded)
+        })
+        .collect()
 }
 
 /// The sizes of a hook's axes: `batch` -> `batch` (dropped when `None`), other symbolic axes

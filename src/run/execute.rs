@@ -55,7 +55,7 @@ fn run_chunked(model: &mut dyn Forward, passes: &[Pass], rows: usize, capture: b
 }
 
 /// Clean and corrupted runs, once per prompt (and sample), activations cached.
-fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Runs> {
+pub(crate) fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Runs> {
     let n = setup.variant.prompts.len();
     let clean: Vec<Pass> = (0..n).map(|p| setup.clean_pass(p)).collect();
     let (mut clean_logits, mut clean_acts, mut clean_bounds) = (vec![], vec![], vec![]);
@@ -262,7 +262,8 @@ fn base_index(runs: &Runs, setup: &Setup, p: usize, s: usize) -> usize {
     }
 }
 
-fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Logits {
+/// The logits of the base run of prompt `p`, sample `s`.
+pub(crate) fn base_logits<'r>(runs: &'r Runs, setup: &Setup, p: usize, s: usize) -> &'r Logits {
     match (setup.variant.direction, runs.corrupted_logits.is_empty()) {
         (Direction::Denoise, false) => &runs.corrupted_logits[p][s],
         _ => &runs.clean_logits[p],

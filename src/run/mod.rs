@@ -2,8 +2,10 @@
 //! variant and the expectations (spec/language.md says what `run` does; the report stage writes
 //! the files).
 
+pub mod attribution;
 pub mod cache;
 pub mod engine;
+pub mod estimate;
 pub mod execute;
 pub mod expect;
 pub mod graph;
@@ -25,11 +27,12 @@ use crate::bail_fixable;
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::ir::experiment::Experiment;
+use crate::ir::experiment::{Experiment, Method};
 use crate::ir::plan::Plan;
 use crate::model::ModelDir;
 use crate::plan;
 use crate::runtime::{self, Device};
+use attribution::Gradients;
 use engine::Engine;
 use expect::Verdict;
 use passes::{Setup, VariantValues};
@@ -147,9 +150,41 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     // One model at a time, rebuilt when a variant patches a different set of hooks (variants
     // of one corruption share theirs); two would hold the weights twice.
     let mut current: Option<(Vec<String>, Model)> = None;
-    for (v, variant) in plan.variants.iter().enumerate() {
-        progress.set_message(variant.label.clone());
-        let hooks = variant.captures.clone();
+    for (v, full_variant) in plan.variants.iter().enumerate() {
+        progress.set_message(full_variant.label.clone());
+        let hooks = full_variant.captures.clone();
+        // Estimated targets first (their `verify top k` picks runs to patch exactly), then
+        // every run patched exactly.
+        let estimated: Vec<usize> = (0..full_variant.patches.len())
+            .filter(|&r| full_variant.patches[r].method == Method::Attribution)
+            .collect();
+        let estimates = match estimated.is_empty() {
+            true => None,
+            false => {
+                drop(current.take());
+                let mut model = Gradients::new(&dir, &hooks, &hooks, device)?;
+                let sub = subset(full_variant, &estimated);
+                let setup = Setup::new(&sub, &plan.metrics, model.hooks.clone());
+                let rows = rows_per_backward(&dir, full_variant, opts.memory_bytes);
+                Some(estimate::attribution(&setup, &mut model, rows)?)
+            }
+        };
+        let verified = estimates.as_ref().map_or(vec![], |e| verify_top(full_variant, &estimated, e));
+        let exact: Vec<usize> = (0..full_variant.patches.len())
+            .filter(|r| full_variant.patches[*r].method == Method::Exact || verified.contains(r))
+            .collect();
+        if exact.is_empty() {
+            shortcuts.push(None);
+            let values = merge(full_variant.patches.len(), None, estimates.map(|e| (estimated, e)));
+            work += values.work;
+            tasks.push(values.task.clone());
+            let variant_rows = results::rows(&plan, v, &values);
+            check_finite(&plan, &variant_rows)?;
+            rows.extend(variant_rows);
+            continue;
+        }
+        let exact_variant = subset(full_variant, &exact);
+        let variant = &exact_variant;
         if current.as_ref().is_none_or(|(h, _)| *h != hooks) {
             drop(current.take());
             let model = match opts.executor {
@@ -187,6 +222,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 }
             }
         };
+        let values = merge(full_variant.patches.len(), Some((exact, values)), estimates.map(|e| (estimated, e)));
         work += values.work;
         tasks.push(values.task.clone());
         let variant_rows = results::rows(&plan, v, &values);
@@ -233,6 +269,80 @@ fn rows_per_call(dir: &ModelDir, variant: &plan::Variant, budget: u64) -> usize 
     let per_position =
         (8 * c.d_model + 4 * c.d_mlp + 3 * c.n_heads * len as usize + c.vocab_size / len as usize) as u64;
     let per_row = 4 * len * per_position * 2;
+    (budget / per_row.max(1)).clamp(1, 1024) as usize
+}
+
+/// `variant` with only the patch runs `runs`.
+fn subset(variant: &plan::Variant, runs: &[usize]) -> plan::Variant {
+    plan::Variant { patches: runs.iter().map(|&r| variant.patches[r].clone()).collect(), ..variant.clone() }
+}
+
+/// The estimated runs (`estimated`, indices into `variant`'s runs) each target's `verify top k`
+/// patches exactly: its k components of largest |estimated effect| on the first metric.
+fn verify_top(variant: &plan::Variant, estimated: &[usize], values: &VariantValues) -> Vec<usize> {
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+    let base = match (variant.direction, &values.corrupted) {
+        (crate::ir::experiment::Direction::Denoise, Some(c)) => mean(&c[0]),
+        _ => mean(&values.clean[0]),
+    };
+    let mut picked = vec![];
+    let mut targets: Vec<&str> = estimated.iter().map(|&r| variant.patches[r].target.as_str()).collect();
+    targets.dedup();
+    for target in targets {
+        let mut runs: Vec<(usize, f64)> = estimated
+            .iter()
+            .enumerate()
+            .filter(|(_, &r)| variant.patches[r].target == target && !variant.patches[r].baseline_only)
+            .map(|(i, &r)| (r, (mean(&values.patched[i][0]) - base).abs()))
+            .collect();
+        let k = runs.first().and_then(|&(r, _)| variant.patches[r].verify).unwrap_or(0);
+        runs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        picked.extend(runs.iter().take(k).map(|&(r, _)| r));
+    }
+    picked.sort_unstable();
+    picked
+}
+
+/// One variant's values from the exactly patched runs and the estimated ones (indices into the
+/// variant's runs, with the values computed on that subset).
+fn merge(
+    n_runs: usize,
+    exact: Option<(Vec<usize>, VariantValues)>,
+    estimated: Option<(Vec<usize>, VariantValues)>,
+) -> VariantValues {
+    let base = exact.as_ref().or(estimated.as_ref()).map(|(_, v)| v).expect("a variant measures some runs");
+    let mut merged = VariantValues {
+        patched: vec![vec![]; n_runs],
+        exact: vec![false; n_runs],
+        estimates: vec![None; n_runs],
+        work: passes::Work::default(),
+        ..base.clone()
+    };
+    if let Some((runs, values)) = &estimated {
+        for (i, &r) in runs.iter().enumerate() {
+            merged.patched[r] = values.patched[i].clone();
+            merged.estimates[r] = Some(values.patched[i].clone());
+        }
+        merged.work += values.work;
+    }
+    if let Some((runs, values)) = &exact {
+        for (i, &r) in runs.iter().enumerate() {
+            merged.patched[r] = values.patched[i].clone();
+            merged.exact[r] = true;
+        }
+        merged.work += values.work;
+    }
+    merged
+}
+
+/// Passes per forward and backward call within the memory budget: the backward pass reads every
+/// layer's activations, so a pass holds all of them at once, and the vocabulary's logits and
+/// their gradient.
+fn rows_per_backward(dir: &ModelDir, variant: &plan::Variant, budget: u64) -> usize {
+    let c = &dir.manifest.config;
+    let len = variant.prompts.iter().map(|p| p.clean_ids.len()).max().unwrap_or(1);
+    let per_layer = len * (16 * c.d_model + 8 * c.d_mlp + 4 * c.n_heads * len);
+    let per_row = 4 * (c.n_layers * per_layer + 2 * c.vocab_size) as u64;
     (budget / per_row.max(1)).clamp(1, 1024) as usize
 }
 

@@ -24,6 +24,10 @@ pub struct VariantValues {
     pub corrupted: Option<Vec<Vec<f64>>>,
     /// `[patch run][metric][prompt]`.
     pub patched: Vec<Vec<Vec<f64>>>,
+    /// `[patch run]`: whether `patched` holds exact patching's values, not an estimate's.
+    pub exact: Vec<bool>,
+    /// `[patch run]`: an estimated run's attribution-patching estimate, `[metric][prompt]`.
+    pub estimates: Vec<Option<Vec<Vec<f64>>>>,
     /// The patched forward passes actually run.
     pub work: Work,
     /// How the model does the task on the clean prompts (`None` without wrong answers).
@@ -68,12 +72,14 @@ pub struct Work {
     pub passes: u64,
     pub layer_tokens: u64,
     pub largest_call: u64,
+    /// Forward and backward passes of attribution patching (one per base run and metric).
+    pub backward_passes: u64,
 }
 
 impl Work {
     /// One pass of `layer_tokens`, run in a call of `call` passes.
     pub fn pass(layer_tokens: usize, call: usize) -> Work {
-        Work { passes: 1, layer_tokens: layer_tokens as u64, largest_call: call as u64 }
+        Work { passes: 1, layer_tokens: layer_tokens as u64, largest_call: call as u64, backward_passes: 0 }
     }
 }
 
@@ -82,6 +88,7 @@ impl std::ops::AddAssign for Work {
         self.passes += other.passes;
         self.layer_tokens += other.layer_tokens;
         self.largest_call = self.largest_call.max(other.largest_call);
+        self.backward_passes += other.backward_passes;
     }
 }
 
@@ -357,7 +364,7 @@ impl Setup<'_> {
             let logits: Vec<Vec<&Logits>> = runs.corrupted_logits.iter().map(|s| s.iter().collect()).collect();
             self.per_prompt(&logits, clean_lp)
         });
-        let patched = patched
+        let patched: Vec<Vec<Vec<f64>>> = patched
             .iter()
             .map(|run| {
                 (0..self.metrics.len())
@@ -382,6 +389,7 @@ impl Setup<'_> {
                 .collect();
             CleanTask::new(&diffs)
         });
-        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, work, task }
+        let (exact, estimates) = (vec![true; patched.len()], vec![None; patched.len()]);
+        VariantValues { clean: self.per_prompt(&clean, clean_lp), corrupted, patched, exact, estimates, work, task }
     }
 }

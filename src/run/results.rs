@@ -1,7 +1,7 @@
 //! From per-prompt metric values to result rows: effects, normalisation, averaging, standard
 //! errors, and the summation baseline of sliding windows (spec/language.md, "metric").
 
-use crate::ir::experiment::{position_label, Averaging, Direction};
+use crate::ir::experiment::{position_label, Averaging, Direction, Method};
 use crate::ir::plan::{PatchRun, Plan, PlanMetric};
 use crate::run::passes::VariantValues;
 
@@ -18,6 +18,9 @@ pub struct Cells {
     pub corrupted: Option<f64>,
     /// Standard error over prompts of the per-prompt value.
     pub sem: Option<f64>,
+    /// An estimated target's attribution-patching estimate, as `value` is declared (the row's
+    /// other numbers are the estimate's too unless it was verified, i.e. `method` is exact).
+    pub estimate: Option<f64>,
 }
 
 /// One CSV row: a (variant, component), or a window's summation baseline.
@@ -34,6 +37,8 @@ pub struct Row {
     pub position_label: Option<String>,
     pub window: Option<usize>,
     pub summation: bool,
+    /// How the row's values were measured: exact patching, or the attribution estimate.
+    pub method: Method,
     pub cells: Vec<Cells>,
     /// `[metric][prompt]`: the per-prompt value (as `value`), effect and patched metric.
     pub per_prompt: Vec<Vec<(Option<f64>, f64, f64)>>,
@@ -94,7 +99,15 @@ fn cells(
     let sem = per_prompt_value.iter().copied().collect::<Option<Vec<f64>>>().and_then(|v| sem(&v));
     let per_prompt = per_prompt_value.into_iter().zip(&effects).zip(patched).map(|((v, e), p)| (v, *e, *p)).collect();
     (
-        Cells { value, effect, patched: Some(mean(patched)), clean: mean_clean, corrupted: mean_corrupted, sem },
+        Cells {
+            value,
+            effect,
+            patched: Some(mean(patched)),
+            clean: mean_clean,
+            corrupted: mean_corrupted,
+            sem,
+            estimate: None,
+        },
         per_prompt,
     )
 }
@@ -110,11 +123,14 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
         let mut cells_all = vec![];
         let mut per_prompt = vec![];
         for (m, metric) in plan.metrics.iter().enumerate() {
-            let (c, pp) = cells(metric, variant.direction, values, m, &values.patched[r][m]);
+            let (mut c, pp) = cells(metric, variant.direction, values, m, &values.patched[r][m]);
+            c.estimate =
+                values.estimates[r].as_ref().and_then(|e| cells(metric, variant.direction, values, m, &e[m]).0.value);
             cells_all.push(c);
             per_prompt.push(pp);
         }
-        let row = row(v, run, cells_all, per_prompt);
+        let mut row = row(v, run, cells_all, per_prompt);
+        row.method = if values.exact[r] { Method::Exact } else { Method::Attribution };
         let window = run.window.filter(|(w, _)| *w > 1);
         rows.push(row);
         if let (Some(_), true) = (window, run.summation) {
@@ -138,6 +154,7 @@ fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<(Option<
         position_label: run.position.as_ref().map(position_label),
         window: run.window.map(|(w, _)| w),
         summation: false,
+        method: Method::Exact,
         cells,
         per_prompt,
     }
@@ -163,6 +180,12 @@ fn summation_row(plan: &Plan, v: usize, values: &VariantValues, window_run: &Pat
         let parts: Vec<Cells> =
             singles.iter().map(|&r| cells(metric, variant.direction, values, m, &values.patched[r][m]).0).collect();
         let value = parts.iter().map(|c| c.value).sum::<Option<f64>>();
+        let estimate = singles
+            .iter()
+            .map(|&r| {
+                values.estimates[r].as_ref().and_then(|e| cells(metric, variant.direction, values, m, &e[m]).0.value)
+            })
+            .sum::<Option<f64>>();
         cells_all.push(Cells {
             value,
             effect: parts.iter().map(|c| c.effect).sum(),
@@ -170,9 +193,11 @@ fn summation_row(plan: &Plan, v: usize, values: &VariantValues, window_run: &Pat
             clean: parts.first().map_or(0.0, |c| c.clean),
             corrupted: parts.first().and_then(|c| c.corrupted),
             sem: None,
+            estimate,
         });
     }
     let mut row = row(v, window_run, cells_all, vec![]);
     row.summation = true;
+    row.method = if singles.iter().all(|&r| values.exact[r]) { Method::Exact } else { Method::Attribution };
     row
 }

@@ -155,6 +155,16 @@ pub struct Patch {
     pub positions: Option<Spanned<PositionSel>>,
     pub window: Option<Spanned<Vec<Spanned<i64>>>>,
     pub summation: Option<Span>,
+    /// `by attribution` / `by atp*`: estimated instead of patched.
+    pub estimate: Option<Spanned<Estimator>>,
+    /// `verify top k`: the k components of largest |estimate| patched exactly too.
+    pub verify: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Estimator {
+    Attribution,
+    AtpStar,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -339,7 +339,17 @@ fn convert_position(ctx: &Ctx, pair: Pair<Rule>) -> Spanned<Position> {
 fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
     let name = ctx.ident(inner.next().unwrap());
     let hooks = inner.next().unwrap().into_inner().map(|h| ctx.ident(h)).collect();
-    let mut patch = Patch { name, hooks, layers: None, heads: None, positions: None, window: None, summation: None };
+    let mut patch = Patch {
+        name,
+        hooks,
+        layers: None,
+        heads: None,
+        positions: None,
+        window: None,
+        summation: None,
+        estimate: None,
+        verify: None,
+    };
     for opt in inner {
         let span = ctx.span(&opt);
         match opt.as_rule() {
@@ -363,6 +373,14 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
                 };
                 patch.window = Some(Spanned::new(ws, span));
             }
+            Rule::estimate => {
+                let estimator = match no_kw(opt).next().map(|p| p.as_rule()) {
+                    Some(Rule::atp_star) => Estimator::AtpStar,
+                    _ => Estimator::Attribution,
+                };
+                patch.estimate = Some(Spanned::new(estimator, span));
+            }
+            Rule::verify => patch.verify = Some(Spanned::new(ctx.int(no_kw(opt).next().unwrap()).node, span)),
             _ => patch.summation = Some(span),
         }
     }

@@ -241,8 +241,15 @@ fn rule_name(rule: Rule) -> String {
         Rule::axis => "a sweep axis like `corruption: [a, b]`".into(),
         Rule::noise_opt => "`scale`, `samples` or `seed`".into(),
         Rule::metric_opt => "a metric option".into(),
-        Rule::layers | Rule::heads | Rule::positions | Rule::window | Rule::summation => {
-            "`layers`, `heads`, `positions`, `window` or `with summation baseline`".into()
+        Rule::layers
+        | Rule::heads
+        | Rule::positions
+        | Rule::window
+        | Rule::summation
+        | Rule::estimate
+        | Rule::verify => {
+            "`layers`, `heads`, `positions`, `window`, `with summation baseline`, `by attribution` or `verify top k`"
+                .into()
         }
         Rule::ablation => "`zero ablation`, `mean ablation` or `resample ablation`".into(),
         Rule::replace | Rule::resample | Rule::noise | Rule::counterfactual => {

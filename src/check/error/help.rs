@@ -81,6 +81,9 @@ impl CheckError {
             PositionOutOfRange { .. } => "no such token".into(),
             PositionsEachUnequalLengths { .. } => "one patch per token index".into(),
             SummationWithoutWindow => "no `window` here".into(),
+            VerifyWithoutEstimate => "no `by attribution` here".into(),
+            VerifyCount { .. } => "not a positive count".into(),
+            AtpStarUnsupported => "not implemented".into(),
             WindowWithoutLayers => "window".into(),
             WindowOutOfRange { .. } => "bad window".into(),
             NoDataset => "no `dataset`".into(),
@@ -289,6 +292,11 @@ impl CheckError {
                 "name the positions instead (slot names, `end`), which work for prompts of any length".into()
             }
             SummationWithoutWindow => "add `window [3, 5]` to this patch".into(),
+            VerifyWithoutEstimate => "add `by attribution` before `verify`, or drop `verify top k`".into(),
+            VerifyCount { .. } => "verify at least one component, e.g. `verify top 20`".into(),
+            AtpStarUnsupported => {
+                "use `by attribution` (plain AtP), with `verify top k` to patch the largest estimates exactly".into()
+            }
             WindowWithoutLayers => {
                 "drop `window` for a layer-less hook, or patch a per-layer hook such as `hook_mlp_out`".into()
             }

@@ -15,6 +15,7 @@
 use std::collections::BTreeSet;
 
 use super::read::{Row, Table};
+use crate::report::agreement::spearman;
 
 /// The spec's default detection threshold, in standard deviations.
 pub const DETECTION_SD: f64 = 2.0;
@@ -76,39 +77,6 @@ pub fn top(effects: &[Effect], n: usize) -> Vec<Effect> {
 pub fn jaccard(a: &BTreeSet<&str>, b: &BTreeSet<&str>) -> Option<f64> {
     let union = a.union(b).count();
     (union > 0).then(|| a.intersection(b).count() as f64 / union as f64)
-}
-
-/// Ranks from 1, ties sharing the average of the ranks they span.
-fn ranks(xs: &[f64]) -> Vec<f64> {
-    let mut order: Vec<usize> = (0..xs.len()).collect();
-    order.sort_by(|&a, &b| xs[a].total_cmp(&xs[b]));
-    let mut out = vec![0.0; xs.len()];
-    let mut i = 0;
-    while i < order.len() {
-        let mut j = i;
-        while j + 1 < order.len() && xs[order[j + 1]] == xs[order[i]] {
-            j += 1;
-        }
-        let rank = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &order[i..=j] {
-            out[k] = rank;
-        }
-        i = j + 1;
-    }
-    out
-}
-
-pub fn spearman(xs: &[f64], ys: &[f64]) -> Option<f64> {
-    if xs.len() != ys.len() || xs.len() < 2 {
-        return None;
-    }
-    let (rx, ry) = (ranks(xs), ranks(ys));
-    let n = xs.len() as f64;
-    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
-    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
-    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
-    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
-    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
 }
 
 /// Two variants compared on one target and metric.
@@ -217,17 +185,4 @@ pub fn window_peaks(table: &Table, metric: usize) -> Vec<Peak> {
             })
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ties_share_their_average_rank() {
-        assert_eq!(ranks(&[3.0, 1.0, 3.0, 2.0]), vec![3.5, 1.0, 3.5, 2.0]);
-        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), Some(1.0));
-        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
-        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
-    }
 }

@@ -3,11 +3,8 @@
 
 use anyhow::Result;
 
-use crate::report::csv::KEY_COLUMNS;
+use crate::report::csv::{KEY_COLUMNS, METRIC_SUFFIXES};
 use crate::{bail_fixable, fixable};
-
-/// The per-metric columns, in the order `patchbay run` writes them after the metric's name.
-const METRIC_SUFFIXES: [&str; 6] = ["", "_effect", "_patched", "_clean", "_corrupted", "_sem"];
 
 /// One experiment's results.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +34,8 @@ pub struct Row {
     pub summation: bool,
     pub n_prompts: usize,
     pub n_samples: usize,
+    /// `exact` (activation patching) or `attribution` (the row's values are estimates).
+    pub method: String,
     /// One per metric, in [`Table::metrics`] order.
     pub cells: Vec<Cell>,
 }
@@ -52,6 +51,8 @@ pub struct Cell {
     pub clean: f64,
     pub corrupted: Option<f64>,
     pub sem: Option<f64>,
+    /// An estimated target's attribution-patching estimate.
+    pub estimate: Option<f64>,
 }
 
 impl Cell {
@@ -182,6 +183,7 @@ pub fn read(bytes: &[u8], name: &str) -> Result<Table> {
                 clean: required(c + 3, number(c + 3)?)?,
                 corrupted: number(c + 4)?,
                 sem: number(c + 5)?,
+                estimate: number(c + 6)?,
             });
         }
         let baseline = field(13);
@@ -204,6 +206,10 @@ pub fn read(bytes: &[u8], name: &str) -> Result<Table> {
             summation: !baseline.is_empty(),
             n_prompts: whole(14)?.ok_or_else(|| cell_error("n_prompts", "", "a whole number (it is required)"))?,
             n_samples: whole(15)?.ok_or_else(|| cell_error("n_samples", "", "a whole number (it is required)"))?,
+            method: match field(16) {
+                m @ ("exact" | "attribution") => m.to_string(),
+                other => return Err(cell_error("method", other, "`exact` or `attribution`")),
+            },
             cells,
         });
     }
@@ -213,13 +219,13 @@ pub fn read(bytes: &[u8], name: &str) -> Result<Table> {
     Ok(Table { experiment, metrics, rows })
 }
 
-/// The metric names of the columns after the key columns: six columns per metric, named
-/// `m, m_effect, m_patched, m_clean, m_corrupted, m_sem`.
+/// The metric names of the columns after the key columns: seven columns per metric, named
+/// `m, m_effect, m_patched, m_clean, m_corrupted, m_sem, m_estimate`.
 fn metric_names(columns: &[String], name: &str) -> Result<Vec<String>> {
     if columns.is_empty() {
         bail_fixable!(
             "{name} has no metric columns";
-            help: "a patchbay result CSV has six columns per metric after `n_samples`; rerun `patchbay run`"
+            help: "a patchbay result CSV has seven columns per metric after `method`; rerun `patchbay run`"
         );
     }
     let mut metrics = vec![];
@@ -230,8 +236,8 @@ fn metric_names(columns: &[String], name: &str) -> Result<Vec<String>> {
             if group.get(i) != Some(&expected) {
                 bail_fixable!(
                     "{name} lacks the column `{expected}` of metric `{metric}`";
-                    help: "a patchbay result CSV has six columns per metric: m, m_effect, m_patched, m_clean, \
-                           m_corrupted, m_sem; rerun `patchbay run`"
+                    help: "a patchbay result CSV has seven columns per metric: m, m_effect, m_patched, m_clean, \
+                           m_corrupted, m_sem, m_estimate; rerun `patchbay run`"
                 );
             }
         }

@@ -1,0 +1,239 @@
+//! Gradients of a metric with respect to hooks, for attribution patching: the patchable full
+//! graph with its backward pass appended ([`crate::onnx::autodiff`]), in one session whose
+//! run returns the final position's logits, the hooks' values and their gradients.
+//!
+//! The backward pass starts from dM/d(logits), which the caller computes from the run's own
+//! logits (see [`metric_gradient`]): a run is one forward pass to read the logits (the cached
+//! base run's), then one forward and backward pass.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{anyhow, Result};
+use ort::session::Session;
+use ort::value::Tensor as OrtTensor;
+
+use crate::ir::experiment::MetricKind;
+use crate::model::checkpoint::Tensor;
+use crate::model::{Dim, ModelDir};
+use crate::onnx::autodiff;
+use crate::onnx::proto::{data_type, GraphProto, ModelProto};
+use crate::run::engine::{self, Pass};
+use crate::run::graph;
+use crate::run::metrics::{self, Readout};
+use crate::runtime::{self, Device};
+
+pub struct Gradients {
+    session: Session,
+    /// Hooks a pass may patch (the base runs' own patches, e.g. noised embeddings).
+    pub patchable: Vec<(String, Vec<Dim>)>,
+    /// Hooks whose values and gradients a run returns.
+    pub hooks: Vec<(String, Vec<Dim>)>,
+    /// The graph tensor of each hook (after its patch: what the rest of the graph reads).
+    tensors: Vec<String>,
+    vocab: usize,
+}
+
+/// What one pass returns: its logits at the final position, and per hook its value and the
+/// gradient of the seeded metric there, both unpadded.
+pub struct Run {
+    pub logits: Vec<f32>,
+    pub values: Vec<Tensor>,
+    pub gradients: Vec<Tensor>,
+}
+
+impl Gradients {
+    pub fn new(dir: &ModelDir, patchable: &[String], hooks: &[String], device: Device) -> Result<Gradients> {
+        let manifest = &dir.manifest;
+        let shape_of = |h: &String| -> Result<(String, Vec<Dim>)> {
+            let hook = manifest.hooks.get(h).ok_or_else(|| anyhow!("the model has no hook `{h}`"))?;
+            Ok((h.clone(), hook.shape.clone()))
+        };
+        let tensors: Vec<String> =
+            hooks.iter().map(|h| graph::capture_output(manifest, patchable, h)).collect::<Result<_>>()?;
+        let mut model = graph::load(manifest, &dir.path, patchable, hooks, graph::Unembed::LastPosition)?;
+        let patchable: Vec<(String, Vec<Dim>)> = patchable.iter().map(shape_of).collect::<Result<_>>()?;
+        let shapes = probe_shapes(&model, dir, &patchable, device)?;
+        autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes)?;
+        Ok(Gradients {
+            session: runtime::session_from_proto(&model, &dir.path, device)?,
+            patchable,
+            hooks: hooks.iter().map(shape_of).collect::<Result<_>>()?,
+            tensors,
+            vocab: manifest.config.vocab_size,
+        })
+    }
+
+    pub fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    /// One forward and backward pass of `passes`, each seeded with dM/d(logits) (`seeds`, one
+    /// vocabulary-sized vector per pass).
+    pub fn run(&mut self, passes: &[Pass], seeds: &[Vec<f32>]) -> Result<Vec<Run>> {
+        let (batch, mut inputs) = engine::inputs(&self.patchable, passes)?;
+        let seed: Vec<f32> = seeds.iter().flat_map(|s| s.iter().copied()).collect();
+        if seed.len() != batch.batch * self.vocab {
+            return Err(anyhow!("{} seeds of {} logits for {} passes", seeds.len(), self.vocab, passes.len()));
+        }
+        let seed = OrtTensor::from_array((vec![batch.batch as i64, 1, self.vocab as i64], seed))?.into_dyn();
+        inputs.push((autodiff::seed_input(graph::LAST_LOGITS), seed));
+        let result = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
+        let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+            let value = result.get(name).ok_or_else(|| anyhow!("the graph has no output `{name}`"))?;
+            let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| anyhow!("output `{name}`: {e}"))?;
+            Ok((shape.iter().map(|&d| d as usize).collect(), data.to_vec()))
+        };
+        let (_, logits) = extract(graph::LAST_LOGITS)?;
+        let mut runs: Vec<Run> =
+            logits.chunks(self.vocab).map(|l| Run { logits: l.to_vec(), values: vec![], gradients: vec![] }).collect();
+        for ((_, dims), tensor) in self.hooks.iter().zip(&self.tensors) {
+            let (shape, data) = extract(tensor)?;
+            for (run, t) in runs.iter_mut().zip(engine::unpad(&data, &shape, dims, passes)) {
+                run.values.push(t);
+            }
+            let (shape, data) = extract(&autodiff::gradient_output(tensor))?;
+            for (run, t) in runs.iter_mut().zip(engine::unpad(&data, &shape, dims, passes)) {
+                run.gradients.push(t);
+            }
+        }
+        Ok(runs)
+    }
+}
+
+/// dM/d(logits) of a metric at the final position, in f64 (see [`metrics::value`]); `logits`
+/// are the whole vocabulary's.
+pub fn metric_gradient(kind: MetricKind, logits: &[f32], r: &Readout) -> Vec<f64> {
+    let log_probs = metrics::log_probs(logits);
+    let p: Vec<f64> = log_probs.iter().map(|lp| lp.exp()).collect();
+    let wrong = || r.wrong.as_deref().expect("the checker requires `wrong` for this metric");
+    // d P(set) / dz_j = p_j [j in set] - P(set) p_j
+    let d_prob = |ids: &[u32]| -> Vec<f64> {
+        let set: f64 = ids.iter().map(|&i| p[i as usize]).sum();
+        let mut d: Vec<f64> = p.iter().map(|&pj| -set * pj).collect();
+        for &i in ids {
+            d[i as usize] += p[i as usize];
+        }
+        d
+    };
+    match kind {
+        MetricKind::LogitDiff => {
+            let mut d = vec![0.0; logits.len()];
+            r.answer.iter().for_each(|&i| d[i as usize] += 1.0);
+            wrong().iter().for_each(|&i| d[i as usize] -= 1.0);
+            d
+        }
+        MetricKind::Prob => d_prob(&r.answer),
+        MetricKind::ProbDiff => d_prob(&r.answer).iter().zip(d_prob(wrong())).map(|(a, b)| a - b).collect(),
+        // d log P(set) / dz_j = p_j [j in set] / P(set) - p_j
+        MetricKind::LogProb => {
+            let set: f64 = r.answer.iter().map(|&i| p[i as usize]).sum();
+            let mut d: Vec<f64> = p.iter().map(|&pj| -pj).collect();
+            for &i in &r.answer {
+                d[i as usize] += p[i as usize] / set;
+            }
+            d
+        }
+        // M = sum_i P_clean,i log q_i + const: dM/dz_j = P_clean,j - q_j sum_i P_clean,i
+        MetricKind::Kl => {
+            let clean: Vec<f64> = r.clean_log_probs.iter().map(|lp| lp.exp()).collect();
+            let mass: f64 = clean.iter().sum();
+            clean.iter().zip(&p).map(|(c, q)| c - q * mass).collect()
+        }
+    }
+}
+
+/// Every float tensor's shape in one run of `model` on a probe batch (2 prompts of 3 tokens,
+/// so no dynamic axis has size 1): what the backward pass needs to undo broadcasting.
+fn probe_shapes(
+    model: &ModelProto,
+    dir: &ModelDir,
+    patchable: &[(String, Vec<Dim>)],
+    device: Device,
+) -> Result<HashMap<String, Vec<i64>>> {
+    let g = model.graph.as_ref().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
+    let floats = float_tensors(g);
+    let mut probe = model.clone();
+    let pg = probe.graph.as_mut().expect("cloned with its graph");
+    let existing: HashSet<String> = pg.output.iter().map(|o| o.name.clone()).collect();
+    for n in &g.node {
+        for o in n.output.iter().filter(|o| floats.contains(o.as_str()) && !existing.contains(*o)) {
+            pg.output.push(crate::onnx::proto::ValueInfoProto {
+                name: o.clone(),
+                r#type: Some(crate::onnx::proto::TypeProto {
+                    tensor_type: Some(crate::onnx::proto::TypeProtoTensor { elem_type: data_type::FLOAT, shape: None }),
+                }),
+            });
+        }
+    }
+    let mut session = runtime::session_from_proto(&probe, &dir.path, device)?;
+    let passes: Vec<Pass> = (0..2).map(|_| Pass { ids: vec![0, 1, 2], patches: vec![] }).collect();
+    let (_, inputs) = engine::inputs(patchable, &passes)?;
+    let result = session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed (shape probe): {e}"))?;
+    let mut shapes = HashMap::new();
+    for (name, value) in result.iter() {
+        if let Ok((shape, _)) = value.try_extract_tensor::<f32>() {
+            shapes.insert(name.to_string(), shape.iter().copied().collect());
+        }
+    }
+    Ok(shapes)
+}
+
+/// The tensors of `g` that hold floats, by propagating element types through its nodes.
+fn float_tensors(g: &GraphProto) -> HashSet<String> {
+    let mut types: HashMap<String, i32> = HashMap::new();
+    for i in &g.input {
+        let t = i.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()).map_or(0, |t| t.elem_type);
+        types.insert(i.name.clone(), t);
+    }
+    for t in &g.initializer {
+        types.insert(t.name.clone(), t.data_type);
+    }
+    for n in &g.node {
+        let input = |i: usize| n.input.get(i).and_then(|x| types.get(x)).copied().unwrap_or(0);
+        let t = match n.op_type.as_str() {
+            "Shape" | "Size" | "NonZero" => data_type::INT64,
+            "Cast" => n.attribute.iter().find(|a| a.name == "to").map_or(0, |a| a.i as i32),
+            "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Not" => data_type::BOOL,
+            "Where" => input(1),
+            "ConstantOfShape" => data_type::FLOAT,
+            _ => input(0),
+        };
+        for o in &n.output {
+            types.insert(o.clone(), t);
+        }
+    }
+    types.into_iter().filter(|(_, t)| *t == data_type::FLOAT).map(|(name, _)| name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric kind's gradient against central differences of [`metrics::value`].
+    #[test]
+    fn metric_gradients_match_finite_differences() {
+        let logits: Vec<f32> = (0..7).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.4).collect();
+        let clean = metrics::log_probs(&[0.3, -0.2, 0.5, 0.0, 0.1, -0.4, 0.2]);
+        let r = Readout { answer: vec![2, 4], wrong: Some(vec![1]), clean_log_probs: &clean };
+        let value = |kind, z: &[f32]| {
+            metrics::value(kind, &crate::run::readout::Logits::vocabulary(z.to_vec()), &metrics::log_probs(z), &r)
+        };
+        for (name, kind) in MetricKind::ALL {
+            let analytic = metric_gradient(kind, &logits, &r);
+            for j in 0..logits.len() {
+                let eps = 1e-3f32;
+                let moved = |d: f32| {
+                    let mut z = logits.clone();
+                    z[j] += d;
+                    value(kind, &z)
+                };
+                let numeric = (moved(eps) - moved(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (numeric - analytic[j]).abs() < 1e-3 * (1.0 + analytic[j].abs()),
+                    "{name} logit {j}: {} vs {numeric}",
+                    analytic[j]
+                );
+            }
+        }
+    }
+}

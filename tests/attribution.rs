@@ -1,0 +1,245 @@
+//! Attribution patching's gradients: the backward graph against central finite differences
+//! through the forward graph, on tiny models of both architectures, for every hook the model
+//! has (so every operator rule on the way from the logits back to it).
+
+use std::path::Path;
+
+use patchbay::import::{self, ImportOptions};
+use patchbay::model::{Architecture, ModelDir};
+use patchbay::run::attribution::Gradients;
+use patchbay::run::engine::{Engine, HookPatch, Pass};
+use patchbay::run::graph::Unembed;
+use patchbay::runtime::Device;
+use patchbay::test_support::synth::{self, WeightDtype};
+
+fn tiny_model(dir: &Path, arch: Architecture) -> ModelDir {
+    patchbay::runtime::ensure(true).unwrap();
+    let ckpt = dir.join("ckpt");
+    synth::tiny(arch, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
+    import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
+    ModelDir::open(&dir.join("model")).unwrap()
+}
+
+/// A deterministic pseudo-random sequence in [-1, 1).
+fn noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// For every hook: L = seed . logits; dL/d(hook) . u from the backward graph against
+/// (L(a + eps u) - L(a - eps u)) / 2 eps with the hook overwritten through the forward graph.
+fn gradients_match_finite_differences(arch: Architecture) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path(), arch);
+    let mut hooks: Vec<String> = dir.manifest.hooks.keys().cloned().collect();
+    hooks.sort();
+    let vocab = dir.manifest.config.vocab_size;
+    let ids = [vec![1u32, 5, 9, 3, 7], vec![2u32, 4, 8]];
+    let seeds: Vec<Vec<f32>> = (0..ids.len()).map(|i| noise(100 + i as u64, vocab)).collect();
+    let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
+    let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+    let runs = grads.run(&passes, &seeds).unwrap();
+    let mut worst = (0.0f64, String::new());
+    for (h, hook) in hooks.iter().enumerate() {
+        let mut engine =
+            Engine::new(&dir, std::slice::from_ref(hook), &[], Unembed::LastPosition, Device::Cpu).unwrap();
+        for (p, run) in runs.iter().enumerate() {
+            let value = &run.values[h];
+            let u = noise(7 + h as u64 * 31 + p as u64, value.data.len());
+            let analytic: f64 = run.gradients[h].data.iter().zip(&u).map(|(g, u)| (g * u) as f64).sum();
+            let scale: f64 = run.gradients[h].data.iter().zip(&u).map(|(g, u)| (g * u).abs() as f64).sum();
+            let eps = 1e-2f32;
+            let loss = |sign: f32, engine: &mut Engine| -> f64 {
+                let moved: Vec<f32> = value.data.iter().zip(&u).map(|(a, u)| a + sign * eps * u).collect();
+                let patch = HookPatch { hook: 0, value: moved, mask: vec![true; value.data.len()] };
+                let out = engine.run(&[Pass { ids: ids[p].clone(), patches: vec![patch] }], false).unwrap();
+                let logits = out[0].logits.full().unwrap();
+                logits.iter().zip(&seeds[p]).map(|(z, s)| (z * s) as f64).sum()
+            };
+            let numeric = (loss(1.0, &mut engine) - loss(-1.0, &mut engine)) / (2.0 * eps as f64);
+            let error = (numeric - analytic).abs() / scale.max(1e-6);
+            if error > worst.0 {
+                worst = (error, format!("{hook} (prompt {p}): analytic {analytic}, numeric {numeric}"));
+            }
+            assert!(
+                error < 1e-3,
+                "{arch:?} {hook} prompt {p}: analytic {analytic} vs numeric {numeric} (scale {scale})"
+            );
+        }
+    }
+    eprintln!("{arch:?}: {} hooks, worst relative error {:.2e} at {}", hooks.len(), worst.0, worst.1);
+}
+
+#[test]
+fn llama_gradients_match_finite_differences() {
+    gradients_match_finite_differences(Architecture::Llama);
+}
+
+#[test]
+fn gpt2_gradients_match_finite_differences() {
+    gradients_match_finite_differences(Architecture::Gpt2);
+}
+
+/// A tiny model and an IOI experiment over it in `dir`; `body` adds targets and metrics.
+fn experiment(dir: &Path, arch: Architecture, body: &str) -> std::path::PathBuf {
+    tiny_model(dir, arch);
+    let file = dir.join("exp.bay");
+    let text = format!(
+        r#"model "model"
+pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob"]
+dataset ioi {{
+  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
+  slot IO, S1 from names distinct
+  slot S2 = S1
+  slot PLACE from [" store", " park"]
+  slot OBJECT from [" drink", " book"]
+  count 3  seed 1
+  answer IO  wrong S1
+}}
+corruption s2_io = replace S2 with IO
+{body}
+sweep {{ direction: [denoise, noise] }}
+output "out/r.csv"
+"#
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// `by attribution` against an estimate computed here from the gradient session directly:
+/// per head, the mean over prompts of sum (a_source - a_base) dLD/da at the base run (the
+/// corrupted run when denoising, the clean run when noising). The verified components' values
+/// are exact patching's, equal to the same target patched exactly.
+#[test]
+fn estimates_match_an_independent_computation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = experiment(
+        tmp.path(),
+        Architecture::Llama,
+        "patch exact = attn.hook_z layers all heads all\npatch atp = attn.hook_z layers all heads all by attribution verify top 3\nmetric ld = logit_diff",
+    );
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let outcome = patchbay::report::run_and_write(&exp, &Default::default()).unwrap().outcome;
+    let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
+    let n_layers = dir.manifest.config.n_layers;
+    let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
+    let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
+    let vocab = dir.manifest.config.vocab_size;
+    let mut checked = 0;
+    for (v, variant) in outcome.plan.variants.iter().enumerate() {
+        let denoise = variant.direction.name() == "denoise";
+        let mut runs_of = |ids: &[Vec<u32>], seeds: Vec<Vec<f32>>| {
+            let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+            grads.run(&passes, &seeds).unwrap()
+        };
+        let clean_ids: Vec<Vec<u32>> = variant.prompts.iter().map(|p| p.clean_ids.clone()).collect();
+        let corrupted_ids: Vec<Vec<u32>> = variant
+            .prompts
+            .iter()
+            .map(|p| match &p.corrupted {
+                patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. } => ids.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let seeds: Vec<Vec<f32>> = variant
+            .prompts
+            .iter()
+            .map(|p| {
+                let mut s = vec![0f32; vocab];
+                s[p.answer.ids()[0] as usize] += 1.0;
+                s[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
+                s
+            })
+            .collect();
+        let (base_ids, source_ids) = if denoise { (&corrupted_ids, &clean_ids) } else { (&clean_ids, &corrupted_ids) };
+        let base = runs_of(base_ids, seeds.clone());
+        let source = runs_of(source_ids, seeds);
+        let n_heads = dir.manifest.config.n_heads;
+        for row in outcome.rows.iter().filter(|r| r.variant == v && r.target == "atp") {
+            let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
+            let mut estimate = 0.0;
+            for (b, s) in base.iter().zip(&source) {
+                let (a, g, src) = (&b.values[layer], &b.gradients[layer], &source_of(s, layer));
+                let d_head = a.shape[2];
+                for (i, ((a, g), src)) in a.data.iter().zip(&g.data).zip(src.iter()).enumerate() {
+                    if (i / d_head) % n_heads == head {
+                        estimate += (src - a) as f64 * *g as f64;
+                    }
+                }
+            }
+            estimate /= base.len() as f64;
+            let got = row.cells[0].estimate.unwrap();
+            assert!(
+                (got - estimate).abs() <= 1e-4 * (1.0 + estimate.abs()),
+                "{} {}: {got} vs {estimate}",
+                variant.label,
+                row.component
+            );
+            let exact = outcome
+                .rows
+                .iter()
+                .find(|r| r.variant == v && r.target == "exact" && r.component == row.component)
+                .unwrap();
+            match row.method.name() {
+                "exact" => assert!((row.cells[0].value.unwrap() - exact.cells[0].value.unwrap()).abs() < 1e-6),
+                _ => assert_eq!(row.cells[0].value, row.cells[0].estimate),
+            }
+            checked += 1;
+        }
+        let verified =
+            outcome.rows.iter().filter(|r| r.variant == v && r.target == "atp" && r.method.name() == "exact");
+        assert_eq!(verified.count(), 3, "verify top 3 in {}", variant.label);
+    }
+    assert_eq!(checked, 2 * n_layers * dir.manifest.config.n_heads);
+}
+
+fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {
+    run.values[layer].data.clone()
+}
+
+/// The patch scaled down, a_base + t (a_source - a_base) on one head: the exact change of the
+/// seeded loss divided by t converges to the attribution estimate, the error shrinking like t.
+#[test]
+fn scaled_patches_converge_to_the_estimate() {
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tiny_model(tmp.path(), arch);
+        let hook = "blocks.0.attn.hook_z".to_string();
+        let vocab = dir.manifest.config.vocab_size;
+        let (base_ids, source_ids) = (vec![1u32, 5, 9, 3, 7], vec![1u32, 5, 4, 3, 7]);
+        let seed = noise(5, vocab);
+        let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), Device::Cpu).unwrap();
+        let run = |grads: &mut Gradients, ids: &Vec<u32>| {
+            grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], std::slice::from_ref(&seed)).unwrap().remove(0)
+        };
+        let (base, source) = (run(&mut grads, &base_ids), run(&mut grads, &source_ids));
+        let (a, g, s) = (&base.values[0], &base.gradients[0], &source.values[0].data);
+        let d_head = a.shape[2];
+        let mask: Vec<bool> = (0..a.data.len()).map(|i| (i / d_head) % a.shape[1] == 1).collect();
+        let estimate: f64 =
+            (0..a.data.len()).filter(|&i| mask[i]).map(|i| (s[i] - a.data[i]) as f64 * g.data[i] as f64).sum();
+        let mut engine =
+            Engine::new(&dir, std::slice::from_ref(&hook), &[], Unembed::LastPosition, Device::Cpu).unwrap();
+        let loss = |engine: &mut Engine, t: f32| -> f64 {
+            let value: Vec<f32> = a.data.iter().zip(s).map(|(a, s)| a + t * (s - a)).collect();
+            let patch = HookPatch { hook: 0, value, mask: mask.clone() };
+            let out = engine.run(&[Pass { ids: base_ids.clone(), patches: vec![patch] }], false).unwrap();
+            out[0].logits.full().unwrap().iter().zip(&seed).map(|(z, s)| (z * s) as f64).sum()
+        };
+        let at_zero = loss(&mut engine, 0.0);
+        let errors: Vec<f64> = [0.2f32, 0.1, 0.05]
+            .iter()
+            .map(|&t| ((loss(&mut engine, t) - at_zero) / t as f64 - estimate).abs())
+            .collect();
+        eprintln!("{arch:?}: estimate {estimate:.5}, |exact/t - estimate| at t = 0.2, 0.1, 0.05: {errors:?}");
+        for pair in errors.windows(2) {
+            let ratio = pair[0] / pair[1];
+            assert!((1.6..2.5).contains(&ratio), "{arch:?}: error ratio {ratio} when t halves ({errors:?})");
+        }
+    }
+}
