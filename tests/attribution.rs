@@ -43,7 +43,7 @@ fn gradients_match_finite_differences(arch: Architecture) {
     let seeds: Vec<Vec<f32>> = (0..ids.len()).map(|i| noise(100 + i as u64, vocab)).collect();
     let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
     let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-    let runs = grads.run(&passes, &seeds).unwrap();
+    let runs = grads.run(&passes, Some(&seeds)).unwrap();
     let mut worst = (0.0f64, String::new());
     for (h, hook) in hooks.iter().enumerate() {
         let mut engine =
@@ -135,7 +135,7 @@ fn estimates_match_an_independent_computation() {
         let denoise = variant.direction.name() == "denoise";
         let mut runs_of = |ids: &[Vec<u32>], seeds: Vec<Vec<f32>>| {
             let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-            grads.run(&passes, &seeds).unwrap()
+            grads.run(&passes, Some(&seeds)).unwrap()
         };
         let clean_ids: Vec<Vec<u32>> = variant.prompts.iter().map(|p| p.clean_ids.clone()).collect();
         let corrupted_ids: Vec<Vec<u32>> = variant
@@ -215,7 +215,10 @@ fn scaled_patches_converge_to_the_estimate() {
         let seed = noise(5, vocab);
         let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), Device::Cpu).unwrap();
         let run = |grads: &mut Gradients, ids: &Vec<u32>| {
-            grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], std::slice::from_ref(&seed)).unwrap().remove(0)
+            grads
+                .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed)))
+                .unwrap()
+                .remove(0)
         };
         let (base, source) = (run(&mut grads, &base_ids), run(&mut grads, &source_ids));
         let (a, g, s) = (&base.values[0], &base.gradients[0], &source.values[0].data);

@@ -68,15 +68,20 @@ impl Gradients {
     }
 
     /// One forward and backward pass of `passes`, each seeded with dM/d(logits) (`seeds`, one
-    /// vocabulary-sized vector per pass).
-    pub fn run(&mut self, passes: &[Pass], seeds: &[Vec<f32>]) -> Result<Vec<Run>> {
+    /// vocabulary-sized vector per pass); without seeds, a forward pass (no gradients).
+    pub fn run(&mut self, passes: &[Pass], seeds: Option<&[Vec<f32>]>) -> Result<Vec<Run>> {
         let (batch, mut inputs) = engine::inputs(&self.patchable, passes)?;
-        let seed: Vec<f32> = seeds.iter().flat_map(|s| s.iter().copied()).collect();
+        let seed: Vec<f32> = match seeds {
+            Some(seeds) => seeds.iter().flat_map(|s| s.iter().copied()).collect(),
+            None => vec![0.0; batch.batch * self.vocab],
+        };
         if seed.len() != batch.batch * self.vocab {
-            return Err(anyhow!("{} seeds of {} logits for {} passes", seeds.len(), self.vocab, passes.len()));
+            return Err(anyhow!("seeds of {} logits for {} passes", seed.len(), passes.len()));
         }
         let seed = OrtTensor::from_array((vec![batch.batch as i64, 1, self.vocab as i64], seed))?.into_dyn();
         inputs.push((autodiff::seed_input(graph::LAST_LOGITS), seed));
+        // Without seeds the backward pass still runs (ONNX Runtime computes the whole graph),
+        // from zeros; its outputs are not read.
         let result = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
         let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let value = result.get(name).ok_or_else(|| anyhow!("the graph has no output `{name}`"))?;
@@ -91,9 +96,11 @@ impl Gradients {
             for (run, t) in runs.iter_mut().zip(engine::unpad(&data, &shape, dims, passes)) {
                 run.values.push(t);
             }
-            let (shape, data) = extract(&autodiff::gradient_output(tensor))?;
-            for (run, t) in runs.iter_mut().zip(engine::unpad(&data, &shape, dims, passes)) {
-                run.gradients.push(t);
+            if seeds.is_some() {
+                let (shape, data) = extract(&autodiff::gradient_output(tensor))?;
+                for (run, t) in runs.iter_mut().zip(engine::unpad(&data, &shape, dims, passes)) {
+                    run.gradients.push(t);
+                }
             }
         }
         Ok(runs)

@@ -19,11 +19,10 @@ use crate::run::passes::{Setup, VariantValues, Work};
 use crate::run::readout::Logits;
 
 impl Forward for Gradients {
-    /// A forward pass (the backward pass seeded with zeros): logits and hook values.
+    /// A forward pass: logits and hook values.
     fn forward(&mut self, passes: &[Pass], _capture: bool) -> Result<Vec<Output>> {
-        let zeros = vec![vec![0f32; self.vocab()]; passes.len()];
         Ok(self
-            .run(passes, &zeros)?
+            .run(passes, None)?
             .into_iter()
             .map(|run| Output { logits: Logits::vocabulary(run.logits), captures: run.values, boundaries: vec![] })
             .collect())
@@ -60,7 +59,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             work.backward_passes += 1;
             passes.push(base);
         }
-        for (&(p, s, m), run) in chunk.iter().zip(model.run(&passes, &seeds)?) {
+        for (&(p, s, m), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
             gradients[p][s][m] = run.gradients;
         }
     }
