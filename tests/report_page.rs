@@ -167,6 +167,11 @@ fn sidecar_text() -> String {
             {"line": 7, "text": "expect top 1 heads by ld includes L3.H2", "holds": true, "details": ["t/a/denoise: rank 1"]},
             {"line": 8, "text": "expect effect heads L0.H0 by ld > 9", "holds": false, "details": []},
         ],
+        "attribution_agreement": [{
+            "variant": VARIANTS[0], "estimated": "atp", "exact": "heads", "metric": "ld", "components": 12,
+            "spearman": 0.9, "k": 10, "recalled": 9,
+            "misses": [{"component": "L1.H2", "exact": -0.25, "estimate": 0.01, "estimate_rank": 11}],
+        }],
     })
     .to_string()
 }
@@ -526,6 +531,10 @@ fn expectations_and_provenance_come_from_the_sidecar() {
     assert_eq!(verdicts, ["holds", "FAILS"]);
     let provenance = doc.descendants().find(|n| is(n, "table") && class(n, "provenance")).unwrap();
     assert!(text_of(&provenance).contains("model.manifest_sha256abc123"));
+    assert!(!text_of(&provenance).contains("attribution_agreement"), "shown in its own table");
+    let agreement = doc.descendants().find(|n| is(n, "table") && class(n, "agreement")).unwrap();
+    let row: Vec<String> = agreement.children().filter(|r| is(r, "tr")).nth(1).map(|r| cells(r)).unwrap();
+    assert_eq!(row[1..], ["atp", "heads", "ld", "12", "0.9000", "9/10", "L1.H2 (-0.2500, estimated 0.0100, rank 11)"]);
 }
 
 fn error_of(csv: &str) -> String {

@@ -9,7 +9,7 @@ use crate::run::results::Row;
 /// How many of the largest components the recall and the misses look at.
 pub const TOP_K: usize = 10;
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Agreement {
     pub variant: String,
     /// The estimated target and its exactly patched twin.
@@ -26,7 +26,7 @@ pub struct Agreement {
     pub misses: Vec<Miss>,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Miss {
     pub component: String,
     pub exact: f64,

@@ -28,11 +28,27 @@ pub struct Content {
     /// Window profiles against the summation baseline, per variant, window target and metric.
     pub profiles: Vec<Svg>,
     pub has_sidecar: bool,
+    /// Attribution estimates against exact values, from the sidecar.
+    pub agreements: Vec<AgreementView>,
     pub expectations: Vec<Verdict>,
     pub provenance: Vec<(String, String)>,
     /// The detection threshold as the page writes it (`2`).
     pub detection_sd: String,
     pub top: usize,
+}
+
+/// An estimated target against its exactly patched twin, for one variant and metric.
+#[derive(Debug, Serialize)]
+pub struct AgreementView {
+    pub variant: String,
+    pub estimated: String,
+    pub exact: String,
+    pub metric: String,
+    pub components: usize,
+    pub spearman: String,
+    pub recall: String,
+    /// `component (exact, estimated, rank)`, largest |exact| first.
+    pub misses: Vec<String>,
 }
 
 /// An SVG chart: its markup, and the file it is written to beside a Markdown report.
@@ -284,6 +300,32 @@ impl Content {
             peaks,
             profiles,
             has_sidecar: sidecar.is_some(),
+            agreements: side
+                .agreements
+                .iter()
+                .map(|a| AgreementView {
+                    variant: a.variant.clone(),
+                    estimated: a.estimated.clone(),
+                    exact: a.exact.clone(),
+                    metric: a.metric.clone(),
+                    components: a.components,
+                    spearman: opt(a.spearman),
+                    recall: format!("{}/{}", a.recalled, a.k),
+                    misses: a
+                        .misses
+                        .iter()
+                        .map(|m| {
+                            format!(
+                                "{} ({}, estimated {}, rank {})",
+                                m.component,
+                                num(m.exact),
+                                num(m.estimate),
+                                m.estimate_rank
+                            )
+                        })
+                        .collect(),
+                })
+                .collect(),
             expectations: side.expectations.clone(),
             provenance: side.facts.clone(),
             detection_sd: DETECTION_SD.to_string(),

@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde::Deserialize;
 
 use crate::fixable;
+use crate::report::agreement::Agreement;
 
 /// What the report takes from a sidecar.
 #[derive(Debug, Clone, Default)]
@@ -15,6 +16,8 @@ pub struct Sidecar {
     /// Per variant: position label -> (token index, token text) in the variant's first prompt.
     pub positions: HashMap<String, Vec<PositionToken>>,
     pub expectations: Vec<Verdict>,
+    /// Attribution estimates against exact values (see [`crate::report::agreement`]).
+    pub agreements: Vec<Agreement>,
     /// Every other field, flattened to `path: value` lines (`model.manifest_sha256: ...`).
     pub facts: Vec<(String, String)>,
 }
@@ -41,6 +44,8 @@ struct Known {
     positions: HashMap<String, Vec<PositionToken>>,
     #[serde(default)]
     expectations: Vec<Verdict>,
+    #[serde(default)]
+    attribution_agreement: Vec<Agreement>,
 }
 
 impl Sidecar {
@@ -56,11 +61,17 @@ impl Sidecar {
         let known: Known = serde_json::from_value(json.clone()).map_err(bad)?;
         let mut facts = vec![];
         if let serde_json::Value::Object(map) = &json {
-            for (key, value) in map.iter().filter(|(k, _)| !matches!(k.as_str(), "positions" | "expectations")) {
+            let shown_apart = ["positions", "expectations", "attribution_agreement"];
+            for (key, value) in map.iter().filter(|(k, _)| !shown_apart.contains(&k.as_str())) {
                 flatten(key, value, &mut facts);
             }
         }
-        Ok(Sidecar { positions: known.positions, expectations: known.expectations, facts })
+        Ok(Sidecar {
+            positions: known.positions,
+            expectations: known.expectations,
+            agreements: known.attribution_agreement,
+            facts,
+        })
     }
 
     /// The token text at a position label in a variant, when the sidecar has it.
