@@ -134,3 +134,52 @@ sweep {{ direction: [denoise, noise] }}
         }
     }
 }
+
+/// Attribution patching on SmolLM2: patching L20.H0's output (`hook_z`) from the clean IOI
+/// prompt into the corrupted one (S2 -> IO), scaled by t, changes the logit difference by t
+/// times the attribution estimate plus an error that halves as t halves.
+#[test]
+fn smollm2_scaled_patches_converge_to_the_attribution_estimate() {
+    use patchbay::run::attribution::Gradients;
+    use patchbay::run::engine::{Engine, HookPatch, Pass};
+    runtime::ensure(true).unwrap();
+    let model = demo::ensure_demo_model(true).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(model.path.join("tokenizer.json")).unwrap();
+    let encode = |text: &str| tokenizer.encode(text, false).unwrap().get_ids().to_vec();
+    let clean = encode("When Tom and Sarah went to the park, Sarah gave a ball to");
+    let corrupted = encode("When Tom and Sarah went to the park, Tom gave a ball to");
+    assert_eq!(clean.len(), corrupted.len());
+    let (answer, wrong) = (encode(" Tom")[0], encode(" Sarah")[0]);
+    let mut seed = vec![0f32; model.manifest.config.vocab_size];
+    seed[answer as usize] = 1.0;
+    seed[wrong as usize] = -1.0;
+    let hook = "blocks.20.attn.hook_z".to_string();
+    let mut grads = Gradients::new(&model, &[], std::slice::from_ref(&hook), Device::Cpu).unwrap();
+    let run = |grads: &mut Gradients, ids: &Vec<u32>| {
+        grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed))).unwrap().remove(0)
+    };
+    let (base, source) = (run(&mut grads, &corrupted), run(&mut grads, &clean));
+    drop(grads);
+    let (a, g, s) = (&base.values[0], &base.gradients[0], &source.values[0].data);
+    let d_head = a.shape[2];
+    let mask: Vec<bool> = (0..a.data.len()).map(|i| (i / d_head) % a.shape[1] == 0).collect();
+    let estimate: f64 =
+        (0..a.data.len()).filter(|&i| mask[i]).map(|i| (s[i] - a.data[i]) as f64 * g.data[i] as f64).sum();
+    let mut engine =
+        Engine::new(&model, std::slice::from_ref(&hook), &[], patchbay::run::graph::Unembed::LastPosition, Device::Cpu)
+            .unwrap();
+    let mut logit_diff = |t: f32| -> f64 {
+        let value: Vec<f32> = a.data.iter().zip(s).map(|(a, s)| a + t * (s - a)).collect();
+        let patch = HookPatch { hook: 0, value, mask: mask.clone() };
+        let out = engine.run(&[Pass { ids: corrupted.clone(), patches: vec![patch] }], false).unwrap();
+        out[0].logits.get(answer) as f64 - out[0].logits.get(wrong) as f64
+    };
+    let at_zero = logit_diff(0.0);
+    let errors: Vec<f64> =
+        [0.4f32, 0.2, 0.1].iter().map(|&t| ((logit_diff(t) - at_zero) / t as f64 - estimate).abs()).collect();
+    eprintln!("L20.H0: estimate {estimate:.4}, |exact/t - estimate| at t = 0.4, 0.2, 0.1: {errors:?}");
+    for pair in errors.windows(2) {
+        let ratio = pair[0] / pair[1];
+        assert!((1.5..2.6).contains(&ratio), "error ratio {ratio} when t halves ({errors:?})");
+    }
+}
