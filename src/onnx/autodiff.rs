@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{anyhow, bail, Result};
 
 use super::proto::{data_type, AttributeProto, ModelProto, NodeProto, TensorProto};
-use super::writer::{attr_int, attr_ints};
+use super::writer::{attr_int, attr_ints, float_of_any_shape};
 
 /// The seed input (`dL/dy`) for differentiating tensor `y`.
 pub fn seed_input(y: &str) -> String {
@@ -90,18 +90,9 @@ pub fn append_backward(
                 b.nodes.push(node_proto("ConstantOfShape", &[&shape], &out, vec![]));
             }
         }
-        let info = super::writer::value_info(&out, data_type::FLOAT, &[]);
-        let mut info = info;
-        if let Some(t) = info.r#type.as_mut().and_then(|t| t.tensor_type.as_mut()) {
-            t.shape = None;
-        }
-        graph.output.push(info);
+        graph.output.push(float_of_any_shape(&out));
     }
-    let mut seed_info = super::writer::value_info(&seed, data_type::FLOAT, &[]);
-    if let Some(t) = seed_info.r#type.as_mut().and_then(|t| t.tensor_type.as_mut()) {
-        t.shape = None;
-    }
-    graph.input.push(seed_info);
+    graph.input.push(float_of_any_shape(&seed));
     graph.node.extend(b.nodes);
     graph.initializer.extend(b.initializers);
     Ok(())

@@ -98,6 +98,14 @@ pub fn value_info(name: &str, elem_type: i32, dims: &[crate::model::Dim]) -> Val
     }
 }
 
+/// A float tensor of any shape (a graph input or output whose shape ONNX Runtime infers).
+pub fn float_of_any_shape(name: &str) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto { tensor_type: Some(TypeProtoTensor { elem_type: data_type::FLOAT, shape: None }) }),
+    }
+}
+
 /// Accumulates nodes and initializers; every method returns the name of the tensor it made.
 pub struct Graph {
     pub proto: GraphProto,

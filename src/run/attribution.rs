@@ -164,12 +164,7 @@ fn probe_shapes(
     let existing: HashSet<String> = pg.output.iter().map(|o| o.name.clone()).collect();
     for n in &g.node {
         for o in n.output.iter().filter(|o| floats.contains(o.as_str()) && !existing.contains(*o)) {
-            pg.output.push(crate::onnx::proto::ValueInfoProto {
-                name: o.clone(),
-                r#type: Some(crate::onnx::proto::TypeProto {
-                    tensor_type: Some(crate::onnx::proto::TypeProtoTensor { elem_type: data_type::FLOAT, shape: None }),
-                }),
-            });
+            pg.output.push(crate::onnx::writer::float_of_any_shape(o));
         }
     }
     let mut session = runtime::session_from_proto(&probe, &dir.path, device)?;

@@ -15,7 +15,7 @@ use ort::value::{DynValue, Tensor as OrtTensor};
 use crate::model::checkpoint::Tensor;
 use crate::model::Dim;
 use crate::onnx::proto::{data_type, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto};
-use crate::onnx::writer::{attr_int, value_info};
+use crate::onnx::writer::{attr_int, float_of_any_shape, value_info};
 use crate::run::segments::run_on_device;
 use crate::runtime::{self, Device};
 
@@ -143,22 +143,13 @@ fn dims(names: &[&str]) -> Vec<Dim> {
     names.iter().map(|n| Dim::Symbolic(n.to_string())).collect()
 }
 
-/// A float tensor of any shape.
-fn any_shape(name: &str) -> crate::onnx::proto::ValueInfoProto {
-    let mut info = value_info(name, data_type::FLOAT, &[]);
-    if let Some(t) = info.r#type.as_mut().and_then(|t| t.tensor_type.as_mut()) {
-        t.shape = None;
-    }
-    info
-}
-
 /// `y = x`, run to place `x` in the device's memory.
 fn upload_model() -> ModelProto {
     model(GraphProto {
         name: "upload".into(),
         node: vec![node("Identity", &["x"], "y", vec![])],
-        input: vec![any_shape("x")],
-        output: vec![any_shape("y")],
+        input: vec![float_of_any_shape("x")],
+        output: vec![float_of_any_shape("y")],
         ..Default::default()
     })
 }

@@ -548,12 +548,7 @@ fn extract(model: &ModelProto, input: Option<&str>, outputs: &[String], d_model:
         graph.input.push(crate::onnx::writer::value_info(input, data_type::FLOAT, &dims));
     }
     for name in outputs {
-        graph.output.push(crate::onnx::proto::ValueInfoProto {
-            name: name.clone(),
-            r#type: Some(crate::onnx::proto::TypeProto {
-                tensor_type: Some(crate::onnx::proto::TypeProtoTensor { elem_type: data_type::FLOAT, shape: None }),
-            }),
-        });
+        graph.output.push(crate::onnx::writer::float_of_any_shape(name));
     }
     Ok(ModelProto { graph: Some(graph), ..model.clone() })
 }
