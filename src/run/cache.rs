@@ -19,11 +19,13 @@ use crate::onnx::writer::{attr_int, float_of_any_shape, value_info};
 use crate::run::segments::run_on_device;
 use crate::runtime::{self, Device};
 
-/// What one base run left: the residual stream entering every segment but the embedding
-/// (`[len, d_model]` each) and everything captured (its keys and values included).
-pub struct BaseRun<'a> {
-    pub boundaries: &'a [Arc<Tensor>],
-    pub captures: &'a [Tensor],
+/// What one base run left, handed over to the cache, which frees it layer by layer as it
+/// stacks (so the run's tensors and the stacked ones are never all in memory at once): the
+/// residual stream entering every layer (`[len, d_model]`), and in suffix mode each layer's
+/// keys and values.
+pub struct BaseRun {
+    pub boundaries: Vec<Arc<Tensor>>,
+    pub keys_values: Vec<[Tensor; 2]>,
 }
 
 /// The stacked base runs of one variant.
@@ -53,32 +55,42 @@ impl CacheOps {
         })
     }
 
-    /// Stack `bases` per layer (`layers` of them) and send them to the device. `keys_values`:
-    /// the capture indices of each layer's keys and values, in suffix mode.
-    pub fn stack(&mut self, bases: &[BaseRun], layers: usize, keys_values: Option<&[[usize; 2]]>) -> Result<BaseCache> {
+    /// Stack `bases` per layer (`layers` of them) and send them to the device.
+    pub fn stack(&mut self, mut bases: Vec<BaseRun>, layers: usize) -> Result<BaseCache> {
         let frame = bases.iter().filter_map(|b| b.boundaries.first()).map(|t| t.shape[0]).max().unwrap_or(0);
-        let mut stack = |tensor: &dyn for<'b> Fn(&'b BaseRun<'b>) -> &'b Tensor| -> Result<DynValue> {
-            let first = tensor(&bases[0]);
-            let mut data = Vec::with_capacity(bases.len() * frame * first.shape[1..].iter().product::<usize>());
-            for base in bases {
-                right_aligned(&mut data, tensor(base), frame);
-            }
-            let mut shape = vec![bases.len() as i64, frame as i64];
-            shape.extend(first.shape[1..].iter().map(|&x| x as i64));
-            self.place(OrtTensor::from_array((shape, data))?.into_dyn())
-        };
+        let (mut resid, mut keys_values) = (vec![], vec![]);
         if bases.is_empty() {
-            return Ok(BaseCache { frame, resid: vec![], keys_values: vec![] });
+            return Ok(BaseCache { frame, resid, keys_values });
         }
-        let resid = (0..layers).map(|l| stack(&|b| &b.boundaries[l])).collect::<Result<_>>()?;
-        let keys_values = match keys_values {
-            Some(indices) => indices
-                .iter()
-                .map(|&[k, v]| Ok([stack(&|b| &b.captures[k])?, stack(&|b| &b.captures[v])?]))
-                .collect::<Result<_>>()?,
-            None => vec![],
-        };
+        let empty = || Tensor::new(vec![0], vec![]);
+        for l in 0..layers {
+            let layer: Vec<Arc<Tensor>> =
+                bases.iter_mut().map(|b| std::mem::replace(&mut b.boundaries[l], Arc::new(empty()))).collect();
+            resid.push(self.stacked(&layer.iter().map(|t| &**t).collect::<Vec<_>>(), frame)?);
+            if bases[0].keys_values.len() > l {
+                let mut kv = vec![];
+                for which in 0..2 {
+                    let layer: Vec<Tensor> =
+                        bases.iter_mut().map(|b| std::mem::replace(&mut b.keys_values[l][which], empty())).collect();
+                    kv.push(self.stacked(&layer.iter().collect::<Vec<_>>(), frame)?);
+                }
+                let [k, v]: [DynValue; 2] = kv.try_into().map_err(|_| anyhow::anyhow!("keys and values"))?;
+                keys_values.push([k, v]);
+            }
+        }
         Ok(BaseCache { frame, resid, keys_values })
+    }
+
+    /// `tensors` (positions first) right-aligned in `frame` positions, stacked, on the device.
+    fn stacked(&mut self, tensors: &[&Tensor], frame: usize) -> Result<DynValue> {
+        let rest = &tensors[0].shape[1..];
+        let mut data = Vec::with_capacity(tensors.len() * frame * rest.iter().product::<usize>());
+        for t in tensors {
+            right_aligned(&mut data, t, frame);
+        }
+        let mut shape = vec![tensors.len() as i64, frame as i64];
+        shape.extend(rest.iter().map(|&x| x as i64));
+        self.place(OrtTensor::from_array((shape, data))?.into_dyn())
     }
 
     /// `value` in the device's memory.

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::ir::experiment::{CorruptedPrompt, Direction};
+use crate::model::checkpoint::Tensor;
 use crate::model::EMBED_HOOK;
 use crate::run::cache::BaseRun;
 use crate::run::engine::{Engine, HookPatch, Output, Pass};
@@ -123,16 +124,9 @@ pub fn fast(
 ) -> Result<VariantValues> {
     model.release_bases();
     let mut runs = cached_runs(setup, model, rows)?;
-    model.keep_bases(&base_runs(&runs, setup))?;
-    // Patched passes read the base runs' residual streams, keys and values from the kept copy.
-    runs.clean_bounds.clear();
-    runs.corrupted_bounds.clear();
-    let n_patchable = model.patchable.len();
-    for acts in runs.clean_acts.iter_mut().chain(runs.corrupted_acts.iter_mut().flatten()) {
-        if let Some(acts) = Arc::get_mut(acts) {
-            acts.truncate(n_patchable);
-        }
-    }
+    // Patched passes read the base runs' residual streams, keys and values from the cache.
+    let bases = take_base_runs(&mut runs, setup, &model.key_value_captures(), model.patchable.len());
+    model.keep_bases(bases)?;
     let (n, samples) = (setup.variant.prompts.len(), setup.samples());
     // [run][prompt][sample] -> metric values (logits are read and dropped: a sweep's logits
     // would not fit in memory)
@@ -234,24 +228,40 @@ fn from_corrupted(runs: &Runs, setup: &Setup) -> bool {
     setup.variant.direction == Direction::Denoise && !runs.corrupted_logits.is_empty()
 }
 
-/// The runs patched passes start from: per prompt, its corrupted runs (one per sample) or its
-/// clean run; [`base_index`] numbers them.
-fn base_runs<'r>(runs: &'r Runs, setup: &Setup) -> Vec<BaseRun<'r>> {
-    match from_corrupted(runs, setup) {
-        true => runs
-            .corrupted_bounds
-            .iter()
-            .zip(&runs.corrupted_acts)
-            .flat_map(|(bounds, acts)| bounds.iter().zip(acts))
-            .map(|(boundaries, captures)| BaseRun { boundaries, captures })
-            .collect(),
-        false => runs
-            .clean_bounds
-            .iter()
-            .zip(&runs.clean_acts)
-            .map(|(boundaries, captures)| BaseRun { boundaries, captures })
-            .collect(),
+/// The runs patched passes start from, taken out of `runs`: per prompt, its corrupted runs (one
+/// per sample) or its clean run, [`base_index`] numbering them. Their residual streams, and
+/// keys and values (`key_values`: capture indices per layer) that are not patchable hooks, leave
+/// `runs`; every run keeps its first `n_patchable` captures, the hooks patches read.
+fn take_base_runs(runs: &mut Runs, setup: &Setup, key_values: &[[usize; 2]], n_patchable: usize) -> Vec<BaseRun> {
+    let corrupted = from_corrupted(runs, setup);
+    let bounds: Vec<Vec<Arc<Tensor>>> = match corrupted {
+        true => std::mem::take(&mut runs.corrupted_bounds).into_iter().flatten().collect(),
+        false => std::mem::take(&mut runs.clean_bounds),
+    };
+    runs.clean_bounds.clear();
+    runs.corrupted_bounds.clear();
+    let acts: Vec<&mut Arc<Vec<Tensor>>> = match corrupted {
+        true => runs.corrupted_acts.iter_mut().flatten().collect(),
+        false => runs.clean_acts.iter_mut().collect(),
+    };
+    let take = |acts: &mut Arc<Vec<Tensor>>, i: usize| match (i >= n_patchable, Arc::get_mut(acts)) {
+        (true, Some(acts)) => std::mem::replace(&mut acts[i], Tensor::new(vec![0], vec![])),
+        _ => acts[i].clone(),
+    };
+    let bases = bounds
+        .into_iter()
+        .zip(acts)
+        .map(|(boundaries, acts)| BaseRun {
+            boundaries,
+            keys_values: key_values.iter().map(|&[k, v]| [take(acts, k), take(acts, v)]).collect(),
+        })
+        .collect();
+    for acts in runs.clean_acts.iter_mut().chain(runs.corrupted_acts.iter_mut().flatten()) {
+        if let Some(acts) = Arc::get_mut(acts) {
+            acts.truncate(n_patchable);
+        }
     }
+    bases
 }
 
 /// The index of prompt `p`'s base run for sample `s` among [`base_runs`].

@@ -246,14 +246,17 @@ impl Segments {
 
     /// Keep `bases` (the runs patched passes start from) on the device for the calls that
     /// follow; rows name them by index.
-    pub fn keep_bases(&mut self, bases: &[BaseRun]) -> Result<()> {
+    pub fn keep_bases(&mut self, bases: Vec<BaseRun>) -> Result<()> {
         self.release_bases();
         let layers = self.segments.len() - 2;
-        let keys_values: Vec<[usize; 2]> =
-            self.segments.iter().filter_map(|s| s.prefix.as_ref().map(|[k, v]| [k.0, v.0])).collect();
-        let suffix = self.suffix.then_some(keys_values.as_slice());
-        self.cache = Some(self.cache_ops.stack(bases, layers, suffix)?);
+        self.cache = Some(self.cache_ops.stack(bases, layers)?);
         Ok(())
+    }
+
+    /// Per layer, the indices (into [`Segments::captured`]) of its keys and values, which
+    /// suffix segments read from the base runs; empty when segments compute every position.
+    pub fn key_value_captures(&self) -> Vec<[usize; 2]> {
+        self.segments.iter().filter_map(|s| s.prefix.as_ref().map(|[k, v]| [k.0, v.0])).collect()
     }
 
     /// Free the kept base runs (before the next variant's are made).
