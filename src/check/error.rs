@@ -99,7 +99,7 @@ pub enum CheckError {
     PositionsEachUnequalLengths { dataset: String, min: usize, max: usize },
     SummationWithoutWindow,
     VerifyWithoutEstimate,
-    VerifyCount { count: i64 },
+    VerifyCount { count: String },
     AtpStarUnsupported,
     WindowWithoutLayers,
     WindowOutOfRange { window: String, n_layers: usize },
@@ -481,7 +481,7 @@ impl CheckError {
             }
             SummationWithoutWindow => "the summation baseline compares against sliding windows".into(),
             VerifyWithoutEstimate => "`verify top k` checks estimates, but this target is patched exactly".into(),
-            VerifyCount { count } => format!("`verify top {count}` verifies no component"),
+            VerifyCount { count } => format!("`verify top {count}` is not a count of components to verify"),
             AtpStarUnsupported => {
                 "`by atp*` (AtP*: the QK fix and GradDrop) is not implemented yet; only plain AtP is".into()
             }

@@ -209,8 +209,10 @@ fn patch(
             errors.push(CheckError::VerifyWithoutEstimate.at(&v.span));
             None
         }
-        (Some(v), Some(_)) if v.node < 1 => {
-            errors.push(CheckError::VerifyCount { count: v.node }.at(&v.span));
+        (Some(v), Some(_)) if v.node < 1 || v.node == i64::MAX => {
+            // The clause's last word is the count as written (an overflow reads as i64::MAX).
+            let count = v.span.text().split_whitespace().last().unwrap_or_default().to_string();
+            errors.push(CheckError::VerifyCount { count }.at(&v.span));
             None
         }
         (Some(v), Some(_)) => Some(v.node as usize),

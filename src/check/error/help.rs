@@ -82,7 +82,7 @@ impl CheckError {
             PositionsEachUnequalLengths { .. } => "one patch per token index".into(),
             SummationWithoutWindow => "no `window` here".into(),
             VerifyWithoutEstimate => "no `by attribution` here".into(),
-            VerifyCount { .. } => "not a positive count".into(),
+            VerifyCount { .. } => "not a positive count of a sane size".into(),
             AtpStarUnsupported => "not implemented".into(),
             WindowWithoutLayers => "window".into(),
             WindowOutOfRange { .. } => "bad window".into(),
