@@ -5,10 +5,11 @@
 //!   normalised logit difference.
 //! - W2: `hook_resid_pre`, all layers x `positions each`, same prompts.
 //!
-//! And attribution patching against the exact fast path on the same sweeps (`atp-w1`,
-//! `atp-w2`, and `atp-hp`: the heads by position, 14 times W1's components; run only when
-//! named): wall time of each, their ratio, and the estimates' Spearman correlation and top-10
-//! recall against the exact values.
+//! And attribution patching (AtP, and AtP* with GradDrop) against the exact fast path on the
+//! same sweeps (`atp-w1`, `atp-w2`, and `atp-hp`: the heads by position, 14 times W1's
+//! components; run only when named): wall time of each, their ratio, and the estimates'
+//! Spearman correlation and top-10 recall against the exact values (AtP*'s unsigned score
+//! against the exact values' sizes).
 //!
 //! Run: `cargo bench --bench patching` (or `-- w1` / `-- w2` for one; `-- prompts=16` for a
 //! quicker, smaller run; `-- device=cuda` on a GPU with the onnxruntime-gpu build). Reports wall time,
@@ -113,7 +114,7 @@ fn main() -> anyhow::Result<()> {
         }
         let ioi = IOI.replace("PROMPTS", prompts);
         let mut timed = vec![];
-        for (suffix, extra) in [("exact", ""), ("atp", " by attribution")] {
+        for (suffix, extra) in [("exact", ""), ("atp", " by attribution"), ("atp-star", " by atp*")] {
             let file = tmp.join(format!("{name}-{suffix}.bay"));
             std::fs::write(&file, format!("model \"{}\"\n{ioi}{patch}{extra}\n", model.path.display()))?;
             let exp = patchbay::check::check_file(&file, Some(device.parse().unwrap()))
@@ -122,28 +123,27 @@ fn main() -> anyhow::Result<()> {
             let outcome = run::run(&exp, &RunOptions::default())?;
             timed.push((start.elapsed().as_secs_f64(), outcome));
         }
-        let (exact, estimated) = (&timed[0].1.rows, &timed[1].1.rows);
-        let xs: Vec<f64> = exact.iter().map(|r| r.cells[0].value.unwrap()).collect();
-        let ys: Vec<f64> = estimated.iter().map(|r| r.cells[0].estimate.unwrap()).collect();
+        let exact: Vec<f64> = timed[0].1.rows.iter().map(|r| r.cells[0].value.unwrap()).collect();
         let top = |v: &[f64]| {
             let mut order: Vec<usize> = (0..v.len()).collect();
             order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()));
             order.truncate(10);
             order
         };
-        let (top_x, top_y) = (top(&xs), top(&ys));
-        let recalled = top_x.iter().filter(|i| top_y.contains(i)).count();
-        println!("{name} on {device}: {} components x {prompts} prompts", xs.len());
+        println!("{name} on {device}: {} components x {prompts} prompts", exact.len());
         println!("  exact fast path  {:>8.1} s  {:>7} patched passes", timed[0].0, timed[0].1.work.passes);
-        println!(
-            "  attribution      {:>8.1} s  {:>7} forward-and-backward passes",
-            timed[1].0, timed[1].1.work.backward_passes
-        );
-        let spearman = patchbay::report::agreement::spearman(&xs, &ys).unwrap_or(f64::NAN);
-        println!(
-            "  attribution {:.1}x faster; Spearman {spearman:.3}; top-10 recall {recalled}/10",
-            timed[0].0 / timed[1].0
-        );
+        for ((seconds, outcome), method) in timed[1..].iter().zip(["attribution", "AtP*"]) {
+            let ys: Vec<f64> = outcome.rows.iter().map(|r| r.cells[0].estimate.unwrap()).collect();
+            // AtP*'s score is the effect's size: it ranks against |exact|.
+            let xs: Vec<f64> = exact.iter().map(|x| if method == "AtP*" { x.abs() } else { *x }).collect();
+            let recalled = top(&xs).iter().filter(|i| top(&ys).contains(i)).count();
+            let spearman = patchbay::report::agreement::spearman(&xs, &ys).unwrap_or(f64::NAN);
+            println!(
+                "  {method:<12} {seconds:>8.1} s  {:>7} forward-and-backward passes; {:.1}x faster; Spearman {spearman:.3}; top-10 recall {recalled}/10",
+                outcome.work.backward_passes,
+                timed[0].0 / seconds
+            );
+        }
     }
     std::fs::remove_dir_all(&tmp)?;
     Ok(())

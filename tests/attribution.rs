@@ -6,7 +6,7 @@ use std::path::Path;
 
 use patchbay::import::{self, ImportOptions};
 use patchbay::model::{reference, Architecture, ModelDir};
-use patchbay::run::attribution::Gradients;
+use patchbay::run::attribution::{Gradients, Seed};
 use patchbay::run::engine::{Engine, HookPatch, Pass};
 use patchbay::run::graph::Unembed;
 use patchbay::runtime::Device;
@@ -21,6 +21,11 @@ fn tiny_model(dir: &Path, arch: Architecture) -> ModelDir {
 }
 
 /// A deterministic pseudo-random sequence in [-1, 1).
+/// Backward passes from `seeds` (dM/d(logits)), no layer dropped.
+fn plain(seeds: &[Vec<f32>]) -> Vec<Seed> {
+    seeds.iter().map(|s| Seed { d_logits: s.clone(), dropped_layer: None }).collect()
+}
+
 fn noise(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
@@ -41,9 +46,9 @@ fn gradients_match_finite_differences(arch: Architecture) {
     let vocab = dir.manifest.config.vocab_size;
     let ids = [vec![1u32, 5, 9, 3, 7], vec![2u32, 4, 8]];
     let seeds: Vec<Vec<f32>> = (0..ids.len()).map(|i| noise(100 + i as u64, vocab)).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
     let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-    let runs = grads.run(&passes, Some(&seeds)).unwrap();
+    let runs = grads.run(&passes, Some(&plain(&seeds))).unwrap();
     let mut worst = (0.0f64, String::new());
     for (h, hook) in hooks.iter().enumerate() {
         let mut engine =
@@ -83,6 +88,70 @@ fn llama_gradients_match_finite_differences() {
 #[test]
 fn gpt2_gradients_match_finite_differences() {
     gradients_match_finite_differences(Architecture::Gpt2);
+}
+
+/// GradDrop: with layer l's residual writes (its attention and MLP outputs) dropped from the
+/// backward pass, dL/d(hook) equals the central difference of L with those writes frozen at
+/// their values (patched in as constants), for every hook and both a first and a middle layer.
+fn graddrop_gradients_match_frozen_layer_differences(arch: Architecture) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tiny_model(tmp.path(), arch);
+    let mut hooks: Vec<String> = dir.manifest.hooks.keys().cloned().collect();
+    hooks.sort();
+    let vocab = dir.manifest.config.vocab_size;
+    let ids = vec![1u32, 5, 9, 3, 7];
+    let seed = noise(41, vocab);
+    let mut grads = Gradients::new(&dir, &[], &hooks, true, Device::Cpu).unwrap();
+    let mut checked = 0;
+    for dropped in [0, dir.manifest.config.n_layers / 2] {
+        let seeds = [Seed { d_logits: seed.clone(), dropped_layer: Some(dropped) }];
+        let run = grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(&seeds)).unwrap().remove(0);
+        let frozen: Vec<String> =
+            ["hook_attn_out", "hook_mlp_out"].iter().map(|h| format!("blocks.{dropped}.{h}")).collect();
+        let value_of = |hook: &str| &run.values[hooks.iter().position(|h| h == hook).unwrap()];
+        for (h, hook) in hooks.iter().enumerate() {
+            let gradient = &run.gradients[h].data;
+            if frozen.contains(hook) {
+                assert!(gradient.iter().all(|&g| g == 0.0), "{arch:?} {hook}: the dropped write has a gradient");
+                continue;
+            }
+            let patchable = [hook.clone(), frozen[0].clone(), frozen[1].clone()];
+            let mut engine = Engine::new(&dir, &patchable, &[], Unembed::LastPosition, Device::Cpu).unwrap();
+            let fixed = |i: usize, value: Vec<f32>| HookPatch { hook: i, mask: vec![true; value.len()], value };
+            let value = &run.values[h];
+            let u = noise(3 + h as u64, value.data.len());
+            let analytic: f64 = gradient.iter().zip(&u).map(|(g, u)| (g * u) as f64).sum();
+            let scale: f64 = gradient.iter().zip(&u).map(|(g, u)| (g * u).abs() as f64).sum();
+            let eps = 1e-2f32;
+            let mut loss = |sign: f32| -> f64 {
+                let moved: Vec<f32> = value.data.iter().zip(&u).map(|(a, u)| a + sign * eps * u).collect();
+                let patches = vec![
+                    fixed(0, moved),
+                    fixed(1, value_of(&frozen[0]).data.clone()),
+                    fixed(2, value_of(&frozen[1]).data.clone()),
+                ];
+                let out = engine.run(&[Pass { ids: ids.clone(), patches }], false).unwrap();
+                out[0].logits.full().unwrap().iter().zip(&seed).map(|(z, s)| (z * s) as f64).sum()
+            };
+            let numeric = (loss(1.0) - loss(-1.0)) / (2.0 * eps as f64);
+            assert!(
+                (numeric - analytic).abs() <= 1e-3 * scale.max(1e-6),
+                "{arch:?} layer {dropped} dropped, {hook}: analytic {analytic} vs numeric {numeric} (scale {scale})"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > hooks.len());
+}
+
+#[test]
+fn llama_graddrop_gradients_match_frozen_layer_differences() {
+    graddrop_gradients_match_frozen_layer_differences(Architecture::Llama);
+}
+
+#[test]
+fn gpt2_graddrop_gradients_match_frozen_layer_differences() {
+    graddrop_gradients_match_frozen_layer_differences(Architecture::Gpt2);
 }
 
 /// A tiny model and an IOI experiment over it in `dir`; `body` adds targets and metrics.
@@ -128,14 +197,14 @@ fn estimates_match_an_independent_computation() {
     let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
     let n_layers = dir.manifest.config.n_layers;
     let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
     let vocab = dir.manifest.config.vocab_size;
     let mut checked = 0;
     for (v, variant) in outcome.plan.variants.iter().enumerate() {
         let denoise = variant.direction.name() == "denoise";
         let mut runs_of = |ids: &[Vec<u32>], seeds: Vec<Vec<f32>>| {
             let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-            grads.run(&passes, Some(&seeds)).unwrap()
+            grads.run(&passes, Some(&plain(&seeds))).unwrap()
         };
         let clean_ids: Vec<Vec<u32>> = variant.prompts.iter().map(|p| p.clean_ids.clone()).collect();
         let corrupted_ids: Vec<Vec<u32>> = variant
@@ -198,6 +267,106 @@ fn estimates_match_an_independent_computation() {
     assert_eq!(checked, 2 * n_layers * dir.manifest.config.n_heads);
 }
 
+/// `by atp*` against AtP*'s GradDrop score computed here: per prompt, the sum over dropped
+/// layers l of |sum over the head's activations of (a_source - a_base) dLD/da with layer l
+/// dropped|, over L - 1. Heads of the last layer, where GradDrop changes nothing, score |AtP|;
+/// the verified heads carry exact patching's values.
+#[test]
+fn atp_star_matches_an_independent_graddrop_computation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = experiment(
+        tmp.path(),
+        Architecture::Llama,
+        "patch exact = attn.hook_z layers all heads all\npatch atp = attn.hook_z layers all heads all by attribution\npatch star = attn.hook_z layers all heads all by atp* verify top 2\nmetric ld = logit_diff",
+    );
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let outcome = patchbay::report::run_and_write(&exp, &Default::default()).unwrap().outcome;
+    let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
+    let (n_layers, n_heads) = (dir.manifest.config.n_layers, dir.manifest.config.n_heads);
+    let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
+    let mut grads = Gradients::new(&dir, &[], &hooks, true, Device::Cpu).unwrap();
+    let vocab = dir.manifest.config.vocab_size;
+    let mut checked = 0;
+    for (v, variant) in outcome.plan.variants.iter().enumerate() {
+        let denoise = variant.direction.name() == "denoise";
+        let ids_of = |clean: bool| -> Vec<Vec<u32>> {
+            variant
+                .prompts
+                .iter()
+                .map(|p| match (clean, &p.corrupted) {
+                    (true, _) => p.clean_ids.clone(),
+                    (false, patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. }) => ids.clone(),
+                    (false, other) => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let (base_ids, source_ids) = (ids_of(!denoise), ids_of(denoise));
+        let mut runs_of = |ids: &[Vec<u32>], dropped: Option<usize>| {
+            let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+            let seeds: Vec<Seed> = variant
+                .prompts
+                .iter()
+                .map(|p| {
+                    let mut d_logits = vec![0f32; vocab];
+                    d_logits[p.answer.ids()[0] as usize] += 1.0;
+                    d_logits[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
+                    Seed { d_logits, dropped_layer: dropped }
+                })
+                .collect();
+            grads.run(&passes, Some(&seeds)).unwrap()
+        };
+        let source = runs_of(&source_ids, None);
+        let by_layer: Vec<_> = (0..n_layers).map(|l| runs_of(&base_ids, Some(l))).collect();
+        for row in outcome.rows.iter().filter(|r| r.variant == v && r.target == "star") {
+            let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
+            let mut score = 0.0;
+            for (p, s) in source.iter().enumerate() {
+                let per_layer = |runs: &[patchbay::run::attribution::Run]| -> f64 {
+                    let (a, g) = (&runs[p].values[layer], &runs[p].gradients[layer]);
+                    let d_head = a.shape[2];
+                    (a.data.iter().zip(&g.data).zip(&s.values[layer].data))
+                        .enumerate()
+                        .filter(|(i, _)| (i / d_head) % n_heads == head)
+                        .map(|(_, ((a, g), src))| (src - a) as f64 * *g as f64)
+                        .sum()
+                };
+                score += by_layer.iter().map(|runs| per_layer(runs).abs()).sum::<f64>() / (n_layers - 1) as f64;
+            }
+            score /= source.len() as f64;
+            let got = row.cells[0].estimate.unwrap();
+            assert!(
+                (got - score).abs() <= 1e-4 * (1.0 + score),
+                "{} {}: {got} vs {score}",
+                variant.label,
+                row.component
+            );
+            let twin = |target: &str| {
+                outcome
+                    .rows
+                    .iter()
+                    .find(|r| r.variant == v && r.target == target && r.component == row.component)
+                    .unwrap()
+            };
+            if layer == n_layers - 1 {
+                for (star, atp) in row.per_prompt[0].iter().zip(&twin("atp").per_prompt[0]) {
+                    if row.method.name() == "atp*" {
+                        assert!((star.1 - atp.1.abs()).abs() < 1e-9, "{}: {} vs |{}|", row.component, star.1, atp.1);
+                    }
+                }
+            }
+            match row.method.name() {
+                "exact" => assert!((row.cells[0].value.unwrap() - twin("exact").cells[0].value.unwrap()).abs() < 1e-6),
+                name => assert_eq!((name, row.cells[0].value), ("atp*", row.cells[0].estimate)),
+            }
+            checked += 1;
+        }
+        let verified =
+            outcome.rows.iter().filter(|r| r.variant == v && r.target == "star" && r.method.name() == "exact");
+        assert_eq!(verified.count(), 2, "verify top 2 in {}", variant.label);
+    }
+    assert_eq!(checked, 2 * n_layers * n_heads);
+}
+
 fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {
     run.values[layer].data.clone()
 }
@@ -213,10 +382,10 @@ fn scaled_patches_converge_to_the_estimate() {
         let vocab = dir.manifest.config.vocab_size;
         let (base_ids, source_ids) = (vec![1u32, 5, 9, 3, 7], vec![1u32, 5, 4, 3, 7]);
         let seed = noise(5, vocab);
-        let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), Device::Cpu).unwrap();
+        let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), false, Device::Cpu).unwrap();
         let run = |grads: &mut Gradients, ids: &Vec<u32>| {
             grads
-                .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed)))
+                .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(&plain(std::slice::from_ref(&seed))))
                 .unwrap()
                 .remove(0)
         };
@@ -260,8 +429,10 @@ fn gradients_match_the_reference_forward_pass() {
         hooks.sort();
         let ids = vec![1u32, 5, 9, 3, 7];
         let seed = noise(11, dir.manifest.config.vocab_size);
-        let mut grads = Gradients::new(&dir, &[], &hooks, Device::Cpu).unwrap();
-        let run = grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed))).unwrap();
+        let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+        let run = grads
+            .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(&plain(std::slice::from_ref(&seed))))
+            .unwrap();
         let mut worst = 0.0f64;
         for (h, hook) in hooks.iter().enumerate() {
             let gradient = &run[0].gradients[h].data;

@@ -140,7 +140,7 @@ sweep {{ direction: [denoise, noise] }}
 /// times the attribution estimate plus an error that halves as t halves.
 #[test]
 fn smollm2_scaled_patches_converge_to_the_attribution_estimate() {
-    use patchbay::run::attribution::Gradients;
+    use patchbay::run::attribution::{Gradients, Seed};
     use patchbay::run::engine::{Engine, HookPatch, Pass};
     runtime::ensure(true).unwrap();
     let model = demo::ensure_demo_model(true).unwrap();
@@ -150,11 +150,12 @@ fn smollm2_scaled_patches_converge_to_the_attribution_estimate() {
     let corrupted = encode("When Tom and Sarah went to the park, Tom gave a ball to");
     assert_eq!(clean.len(), corrupted.len());
     let (answer, wrong) = (encode(" Tom")[0], encode(" Sarah")[0]);
-    let mut seed = vec![0f32; model.manifest.config.vocab_size];
-    seed[answer as usize] = 1.0;
-    seed[wrong as usize] = -1.0;
+    let mut d_logits = vec![0f32; model.manifest.config.vocab_size];
+    d_logits[answer as usize] = 1.0;
+    d_logits[wrong as usize] = -1.0;
+    let seed = Seed { d_logits, dropped_layer: None };
     let hook = "blocks.20.attn.hook_z".to_string();
-    let mut grads = Gradients::new(&model, &[], std::slice::from_ref(&hook), Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&model, &[], std::slice::from_ref(&hook), false, Device::Cpu).unwrap();
     let run = |grads: &mut Gradients, ids: &Vec<u32>| {
         grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed))).unwrap().remove(0)
     };

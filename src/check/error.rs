@@ -100,7 +100,7 @@ pub enum CheckError {
     SummationWithoutWindow,
     VerifyWithoutEstimate,
     VerifyCount { count: String },
-    AtpStarUnsupported,
+    AtpStarQkFix { hook: String },
     WindowWithoutLayers,
     WindowOutOfRange { window: String, n_layers: usize },
     // Metrics, the sweep and expectations.
@@ -325,7 +325,7 @@ impl CheckError {
             SummationWithoutWindow => "patchbay::summation_without_window",
             VerifyWithoutEstimate => "patchbay::verify_without_estimate",
             VerifyCount { .. } => "patchbay::verify_count",
-            AtpStarUnsupported => "patchbay::atp_star_unsupported",
+            AtpStarQkFix { .. } => "patchbay::atp_star_qk_fix",
             WindowWithoutLayers => "patchbay::window_without_layers",
             WindowOutOfRange { .. } => "patchbay::window_out_of_range",
             NoDataset => "patchbay::no_dataset",
@@ -482,8 +482,8 @@ impl CheckError {
             SummationWithoutWindow => "the summation baseline compares against sliding windows".into(),
             VerifyWithoutEstimate => "`verify top k` checks estimates, but this target is patched exactly".into(),
             VerifyCount { count } => format!("`verify top {count}` is not a count of components to verify"),
-            AtpStarUnsupported => {
-                "`by atp*` (AtP*: the QK fix and GradDrop) is not implemented yet; only plain AtP is".into()
+            AtpStarQkFix { hook } => {
+                format!("`by atp*` cannot estimate `{hook}`: AtP*'s QK fix (recomputing the attention softmax for query and key patches) is not implemented")
             }
             WindowWithoutLayers => "a sliding window needs a hook with layers".into(),
             WindowOutOfRange { window, n_layers } => {

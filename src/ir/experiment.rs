@@ -251,6 +251,9 @@ pub enum Method {
     /// Attribution patching (AtP): a first-order estimate from the metric's gradient at the
     /// base run.
     Attribution,
+    /// AtP* (Kramar et al. 2024) with GradDrop: the size of the effect, averaged over backward
+    /// passes that each drop one layer's residual write (spec/language.md, "by atp*").
+    AtpStar,
 }
 
 impl Method {
@@ -258,7 +261,12 @@ impl Method {
         match self {
             Method::Exact => "exact",
             Method::Attribution => "attribution",
+            Method::AtpStar => "atp*",
         }
+    }
+
+    pub fn is_estimate(self) -> bool {
+        self != Method::Exact
     }
 }
 

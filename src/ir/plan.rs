@@ -277,8 +277,11 @@ impl fmt::Display for Plan {
                 if baseline > 0 {
                     write!(f, " ({baseline} single-layer runs for the summation baseline)")?;
                 }
-                if let Some(first) = ps.first().filter(|p| p.method == Method::Attribution) {
-                    write!(f, ", estimated by attribution patching")?;
+                if let Some(first) = ps.first().filter(|p| p.method.is_estimate()) {
+                    match first.method {
+                        Method::AtpStar => write!(f, ", estimated by AtP* (GradDrop; its score is the effect's size)")?,
+                        _ => write!(f, ", estimated by attribution patching")?,
+                    }
                     if let Some(k) = first.verify {
                         write!(f, " (the top {k} by |estimate| also patched exactly)")?;
                     }
@@ -297,10 +300,12 @@ impl fmt::Display for Plan {
                 v.counts.clean_runs, v.counts.corrupted_runs, v.counts.patched_runs, v.counts.naive_runs
             )?;
             if v.counts.estimated_runs > 0 {
+                let graddrop = v.patches.iter().any(|p| p.method == Method::AtpStar);
                 writeln!(
                     f,
-                    "  estimated by attribution patching: {} patched runs, from one backward pass per base run and metric",
-                    v.counts.estimated_runs
+                    "  estimated by attribution patching: {} patched runs, from one backward pass per base run and metric{}",
+                    v.counts.estimated_runs,
+                    if graddrop { " (AtP*: one per layer)" } else { "" }
                 )?;
             }
         }

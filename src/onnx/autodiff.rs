@@ -30,11 +30,16 @@ pub fn gradient_output(x: &str) -> String {
 /// Append the backward pass of `model` from `y` to `wrt`: a new float input
 /// [`seed_input`]`(y)` shaped like `y`, and an output [`gradient_output`]`(x)` shaped like x for
 /// every x in `wrt`.
+///
+/// `gates` maps tensors to forward tensors that broadcast against them: such a tensor's gradient
+/// is multiplied by its gate before it flows on (to its producer, or out as [`gradient_output`]),
+/// so a gate of 0 stops the gradient there without changing the forward pass (AtP*'s GradDrop).
 pub fn append_backward(
     model: &mut ModelProto,
     y: &str,
     wrt: &[String],
     shapes: &HashMap<String, Vec<i64>>,
+    gates: &HashMap<String, String>,
 ) -> Result<()> {
     let graph = model.graph.as_mut().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
     let mut shapes = shapes.clone();
@@ -68,7 +73,7 @@ pub fn append_backward(
             continue;
         }
         let grads: Vec<Option<String>> =
-            node.output.iter().map(|o| contributions.get(o).map(|parts| b.sum(parts))).collect();
+            node.output.iter().map(|o| contributions.get(o).map(|parts| b.total(parts, gates.get(o)))).collect();
         if grads.iter().all(Option::is_none) {
             continue;
         }
@@ -82,7 +87,7 @@ pub fn append_backward(
         let out = gradient_output(x);
         match contributions.get(x) {
             Some(parts) => {
-                let total = b.sum(parts);
+                let total = b.total(parts, gates.get(x));
                 b.nodes.push(node_proto("Identity", &[&total], &out, vec![]));
             }
             None => {
@@ -184,6 +189,15 @@ impl Backward<'_> {
                 let inputs: Vec<&str> = many.iter().map(String::as_str).collect();
                 self.op("Sum", &inputs, vec![])
             }
+        }
+    }
+
+    /// A tensor's gradient: the sum of its contributions, times its gate if it has one.
+    fn total(&mut self, parts: &[String], gate: Option<&String>) -> String {
+        let sum = self.sum(parts);
+        match gate {
+            Some(gate) => self.op("Mul", &[&sum, gate], vec![]),
+            None => sum,
         }
     }
 

@@ -107,7 +107,7 @@ fn expand_patches(t: &PatchTarget, n_layers: usize, common_len: Option<usize>) -
 /// most its components.
 fn verified(patches: &[PatchRun]) -> u64 {
     let mut per_target: Vec<(&str, usize, usize)> = vec![];
-    for p in patches.iter().filter(|p| p.method == Method::Attribution && !p.baseline_only) {
+    for p in patches.iter().filter(|p| p.method.is_estimate() && !p.baseline_only) {
         match per_target.iter_mut().find(|(t, ..)| *t == p.target) {
             Some((_, runs, _)) => *runs += 1,
             None => per_target.push((&p.target, 1, p.verify.unwrap_or(0))),
@@ -150,7 +150,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                     }
                 }
                 let reps = n * samples;
-                let estimated = patches.iter().filter(|p| p.method == Method::Attribution).count() as u64;
+                let estimated = patches.iter().filter(|p| p.method.is_estimate()).count() as u64;
                 counts.patched_runs = reps * (patches.len() as u64 - estimated + verified(&patches));
                 counts.estimated_runs = reps * estimated;
                 counts.layer_fraction_runs = patches

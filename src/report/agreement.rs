@@ -3,6 +3,7 @@
 //! per metric, Spearman's rank correlation, the recall of exact's top k among the estimate's
 //! top k, and exact's top components that the estimate's top k misses (AtP's false negatives).
 
+use crate::ir::experiment::Method;
 use crate::ir::plan::Plan;
 use crate::run::results::Row;
 
@@ -55,11 +56,16 @@ pub fn agreements(plan: &Plan, rows: &[Row]) -> Vec<Agreement> {
             });
             let Some(exact) = twin else { continue };
             let ex_rows = of(exact);
+            // AtP*'s score is the size of the effect: compare it with the exact effect's size.
+            let unsigned = variant.patches.iter().any(|p| p.target == *est && p.method == Method::AtpStar);
             for (m, metric) in plan.metrics.iter().enumerate() {
                 let pairs: Option<Vec<(f64, f64)>> = est_rows
                     .iter()
                     .zip(&ex_rows)
-                    .map(|(e, x)| Some((x.cells[m].value?, e.cells[m].estimate?)))
+                    .map(|(e, x)| {
+                        let exact = x.cells[m].value?;
+                        Some((if unsigned { exact.abs() } else { exact }, e.cells[m].estimate?))
+                    })
                     .collect();
                 let Some(pairs) = pairs else { continue };
                 out.push(agreement(&variant.label, est, exact, &metric.name, &est_rows, &pairs));

@@ -31,6 +31,16 @@ pub struct Gradients {
     /// The graph tensor of each hook (after its patch: what the rest of the graph reads).
     tensors: Vec<String>,
     vocab: usize,
+    /// With GradDrop gates: the number of layers whose residual writes a pass can drop.
+    droppable_layers: Option<usize>,
+}
+
+/// What one backward pass starts from: dM/d(logits) at the final position (vocabulary-sized),
+/// and the layer, if any, whose residual-stream write the gradient does not flow back through
+/// (AtP*'s GradDrop; the forward pass is unchanged).
+pub struct Seed {
+    pub d_logits: Vec<f32>,
+    pub dropped_layer: Option<usize>,
 }
 
 /// What one pass returns: its logits at the final position, and per hook its value and the
@@ -42,7 +52,14 @@ pub struct Run {
 }
 
 impl Gradients {
-    pub fn new(dir: &ModelDir, patchable: &[String], hooks: &[String], device: Device) -> Result<Gradients> {
+    /// With `graddrop`, a pass can drop one layer's residual write from its backward pass.
+    pub fn new(
+        dir: &ModelDir,
+        patchable: &[String],
+        hooks: &[String],
+        graddrop: bool,
+        device: Device,
+    ) -> Result<Gradients> {
         let manifest = &dir.manifest;
         let shape_of = |h: &String| -> Result<(String, Vec<Dim>)> {
             let hook = manifest.hooks.get(h).ok_or_else(|| anyhow!("the model has no hook `{h}`"))?;
@@ -51,28 +68,36 @@ impl Gradients {
         let tensors: Vec<String> =
             hooks.iter().map(|h| graph::capture_output(manifest, patchable, h)).collect::<Result<_>>()?;
         let mut model = graph::load(manifest, &dir.path, patchable, hooks, graph::Unembed::LastPosition)?;
+        let patchable_names = patchable;
         let patchable: Vec<(String, Vec<Dim>)> = patchable.iter().map(shape_of).collect::<Result<_>>()?;
         let shapes = probe_shapes(&model, dir, &patchable, device)?;
-        autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes)?;
+        let gates = if graddrop { add_layer_gates(&mut model, manifest, patchable_names)? } else { HashMap::new() };
+        autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes, &gates)?;
         Ok(Gradients {
             session: runtime::session_from_proto(&model, &dir.path, device)?,
             patchable,
             hooks: hooks.iter().map(shape_of).collect::<Result<_>>()?,
             tensors,
             vocab: manifest.config.vocab_size,
+            droppable_layers: graddrop.then_some(manifest.config.n_layers),
         })
+    }
+
+    /// The layers a pass can drop from its backward pass (GradDrop), if the session has gates.
+    pub fn droppable_layers(&self) -> Option<usize> {
+        self.droppable_layers
     }
 
     pub fn vocab(&self) -> usize {
         self.vocab
     }
 
-    /// One forward and backward pass of `passes`, each seeded with dM/d(logits) (`seeds`, one
-    /// vocabulary-sized vector per pass); without seeds, a forward pass (no gradients).
-    pub fn run(&mut self, passes: &[Pass], seeds: Option<&[Vec<f32>]>) -> Result<Vec<Run>> {
+    /// One forward and backward pass of `passes`, each from its seed (one per pass); without
+    /// seeds, a forward pass (no gradients).
+    pub fn run(&mut self, passes: &[Pass], seeds: Option<&[Seed]>) -> Result<Vec<Run>> {
         let (batch, mut inputs) = engine::inputs(&self.patchable, passes)?;
         let seed: Vec<f32> = match seeds {
-            Some(seeds) => seeds.iter().flat_map(|s| s.iter().copied()).collect(),
+            Some(seeds) => seeds.iter().flat_map(|s| s.d_logits.iter().copied()).collect(),
             None => vec![0.0; batch.batch * self.vocab],
         };
         if seed.len() != batch.batch * self.vocab {
@@ -80,6 +105,20 @@ impl Gradients {
         }
         let seed = OrtTensor::from_array((vec![batch.batch as i64, 1, self.vocab as i64], seed))?.into_dyn();
         inputs.push((autodiff::seed_input(graph::LAST_LOGITS), seed));
+        let dropped = |p: usize| seeds.and_then(|s| s[p].dropped_layer);
+        match self.droppable_layers {
+            Some(layers) => {
+                let keep: Vec<f32> = (0..passes.len())
+                    .flat_map(|p| (0..layers).map(move |l| if dropped(p) == Some(l) { 0.0 } else { 1.0 }))
+                    .collect();
+                let keep = OrtTensor::from_array((vec![passes.len() as i64, layers as i64], keep))?.into_dyn();
+                inputs.push((KEEP_INPUT.to_string(), keep));
+            }
+            None if (0..passes.len()).any(|p| dropped(p).is_some()) => {
+                return Err(anyhow!("a pass drops a layer's gradient, but the session has no GradDrop gates"))
+            }
+            None => {}
+        }
         // Without seeds the backward pass still runs (ONNX Runtime computes the whole graph),
         // from zeros; its outputs are not read.
         let result = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
@@ -105,6 +144,36 @@ impl Gradients {
         }
         Ok(runs)
     }
+}
+
+/// The `[batch, layers]` input saying, per pass, which layers' residual writes the gradient
+/// flows back through (1) or not (0).
+const KEEP_INPUT: &str = "graddrop.keep";
+
+/// A gate per layer on its residual-stream writes (attention and MLP outputs, as the residual
+/// adds read them): row b of [`KEEP_INPUT`]'s column l, shaped `[batch, 1, 1]`.
+fn add_layer_gates(
+    model: &mut ModelProto,
+    manifest: &crate::model::Manifest,
+    patchable: &[String],
+) -> Result<HashMap<String, String>> {
+    use crate::onnx::writer::{attr_int, float_of_any_shape, Graph};
+    let mut gates = HashMap::new();
+    let mut g = Graph::new("graddrop");
+    let axes = g.const_i64("graddrop.axes", &[1, 2]);
+    for l in 0..manifest.config.n_layers {
+        let index = g.scalar_i64(&format!("graddrop.layer{l}"), l as i64);
+        let column = g.op("graddrop", "Gather", &[KEEP_INPUT, &index], vec![attr_int("axis", 1)]);
+        let gate = g.op_named("Unsqueeze", &[&column, &axes], &format!("graddrop.gate{l}"), vec![]);
+        for hook in ["hook_attn_out", "hook_mlp_out"] {
+            gates.insert(graph::capture_output(manifest, patchable, &format!("blocks.{l}.{hook}"))?, gate.clone());
+        }
+    }
+    let m = model.graph.as_mut().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
+    m.input.push(float_of_any_shape(KEEP_INPUT));
+    m.node.extend(g.proto.node);
+    m.initializer.extend(g.proto.initializer);
+    Ok(gates)
 }
 
 /// dM/d(logits) of a metric at the final position, in f64 (see [`metrics::value`]); `logits`

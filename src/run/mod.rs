@@ -155,14 +155,14 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         let hooks = full_variant.captures.clone();
         // Estimated targets first (their `verify top k` picks runs to patch exactly), then
         // every run patched exactly.
-        let estimated: Vec<usize> = (0..full_variant.patches.len())
-            .filter(|&r| full_variant.patches[r].method == Method::Attribution)
-            .collect();
+        let estimated: Vec<usize> =
+            (0..full_variant.patches.len()).filter(|&r| full_variant.patches[r].method.is_estimate()).collect();
         let estimates = match estimated.is_empty() {
             true => None,
             false => {
                 drop(current.take());
-                let mut model = Gradients::new(&dir, &hooks, &hooks, device)?;
+                let graddrop = estimated.iter().any(|&r| full_variant.patches[r].method == Method::AtpStar);
+                let mut model = Gradients::new(&dir, &hooks, &hooks, graddrop, device)?;
                 let sub = subset(full_variant, &estimated);
                 let setup = Setup::new(&sub, &plan.metrics, model.hooks.clone());
                 let rows = rows_per_backward(&dir, full_variant, opts.memory_bytes);

@@ -130,7 +130,7 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
             per_prompt.push(pp);
         }
         let mut row = row(v, run, cells_all, per_prompt);
-        row.method = if values.exact[r] { Method::Exact } else { Method::Attribution };
+        row.method = if values.exact[r] { Method::Exact } else { run.method };
         let window = run.window.filter(|(w, _)| *w > 1);
         rows.push(row);
         if let (Some(_), true) = (window, run.summation) {
@@ -198,6 +198,6 @@ fn summation_row(plan: &Plan, v: usize, values: &VariantValues, window_run: &Pat
     }
     let mut row = row(v, window_run, cells_all, vec![]);
     row.summation = true;
-    row.method = if singles.iter().all(|&r| values.exact[r]) { Method::Exact } else { Method::Attribution };
+    row.method = if singles.iter().all(|&r| values.exact[r]) { Method::Exact } else { window_run.method };
     row
 }

@@ -81,9 +81,9 @@ impl CheckError {
             PositionOutOfRange { .. } => "no such token".into(),
             PositionsEachUnequalLengths { .. } => "one patch per token index".into(),
             SummationWithoutWindow => "no `window` here".into(),
-            VerifyWithoutEstimate => "no `by attribution` here".into(),
+            VerifyWithoutEstimate => "no `by attribution` or `by atp*` here".into(),
             VerifyCount { .. } => "not a positive count of a sane size".into(),
-            AtpStarUnsupported => "not implemented".into(),
+            AtpStarQkFix { .. } => "a query or key hook".into(),
             WindowWithoutLayers => "window".into(),
             WindowOutOfRange { .. } => "bad window".into(),
             NoDataset => "no `dataset`".into(),
@@ -292,10 +292,10 @@ impl CheckError {
                 "name the positions instead (slot names, `end`), which work for prompts of any length".into()
             }
             SummationWithoutWindow => "add `window [3, 5]` to this patch".into(),
-            VerifyWithoutEstimate => "add `by attribution` before `verify`, or drop `verify top k`".into(),
+            VerifyWithoutEstimate => "add `by attribution` (or `by atp*`) before `verify`, or drop `verify top k`".into(),
             VerifyCount { .. } => "verify at least one component, e.g. `verify top 20`".into(),
-            AtpStarUnsupported => {
-                "use `by attribution` (plain AtP), with `verify top k` to patch the largest estimates exactly".into()
+            AtpStarQkFix { .. } => {
+                "estimate query and key patches `by attribution` (plain AtP, which linearises the softmax), or patch them exactly".into()
             }
             WindowWithoutLayers => {
                 "drop `window` for a layer-less hook, or patch a per-layer hook such as `hook_mlp_out`".into()
