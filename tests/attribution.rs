@@ -367,6 +367,106 @@ fn atp_star_matches_an_independent_graddrop_computation() {
     assert_eq!(checked, 2 * n_layers * n_heads);
 }
 
+/// AtP*'s QK fix on query and key targets, against a computation here that takes the patched
+/// pattern from the ONNX graph itself (the queries or keys of one head patched in, the pattern
+/// captured) and dLD/d(pattern) from the gradient session with each layer dropped: per
+/// prompt, sum over dropped layers of |(pattern' - pattern) . dLD/d(pattern)|, over L - 1.
+#[test]
+fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = experiment(
+            tmp.path(),
+            arch,
+            "patch q = attn.hook_q layers all heads all by atp*\npatch k = attn.hook_k layers all heads all by atp*\nmetric ld = logit_diff",
+        );
+        let exp = patchbay::check::check_file(&file, None).unwrap();
+        let outcome = patchbay::report::run_and_write(&exp, &Default::default()).unwrap().outcome;
+        let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
+        let config = &dir.manifest.config;
+        let (n_layers, vocab) = (config.n_layers, config.vocab_size);
+        let patterns: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_pattern")).collect();
+        let mut grads = Gradients::new(&dir, &[], &patterns, true, Device::Cpu).unwrap();
+        let mut checked = 0;
+        for (v, variant) in outcome.plan.variants.iter().enumerate() {
+            let denoise = variant.direction.name() == "denoise";
+            let ids_of = |clean: bool| -> Vec<Vec<u32>> {
+                variant
+                    .prompts
+                    .iter()
+                    .map(|p| match (clean, &p.corrupted) {
+                        (true, _) => p.clean_ids.clone(),
+                        (false, patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. }) => ids.clone(),
+                        (false, other) => panic!("{other:?}"),
+                    })
+                    .collect()
+            };
+            let (base_ids, source_ids) = (ids_of(!denoise), ids_of(denoise));
+            let by_layer: Vec<Vec<patchbay::run::attribution::Run>> = (0..n_layers)
+                .map(|dropped| {
+                    let passes: Vec<Pass> =
+                        base_ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+                    let seeds: Vec<Seed> = variant
+                        .prompts
+                        .iter()
+                        .map(|p| {
+                            let mut d_logits = vec![0f32; vocab];
+                            d_logits[p.answer.ids()[0] as usize] += 1.0;
+                            d_logits[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
+                            Seed { d_logits, dropped_layer: Some(dropped) }
+                        })
+                        .collect();
+                    grads.run(&passes, Some(&seeds)).unwrap()
+                })
+                .collect();
+            for row in outcome.rows.iter().filter(|r| r.variant == v) {
+                let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
+                let hook = format!("blocks.{layer}.attn.{}", if row.target == "q" { "hook_q" } else { "hook_k" });
+                let mut engine = Engine::new(
+                    &dir,
+                    std::slice::from_ref(&hook),
+                    &[hook.clone(), patterns[layer].clone()],
+                    Unembed::LastPosition,
+                    Device::Cpu,
+                )
+                .unwrap();
+                let mut score = 0.0;
+                for (base, source) in base_ids.iter().zip(&source_ids) {
+                    let p = base_ids.iter().position(|b| std::ptr::eq(b, base)).unwrap();
+                    let run = |engine: &mut Engine, ids: &Vec<u32>, patches| {
+                        engine.run(&[Pass { ids: ids.clone(), patches }], true).unwrap().remove(0).captures
+                    };
+                    let before = run(&mut engine, base, vec![]);
+                    let from = run(&mut engine, source, vec![]);
+                    let d_head = config.d_head;
+                    let heads = before[0].shape[1];
+                    let mask: Vec<bool> = (0..before[0].data.len()).map(|i| (i / d_head) % heads == head).collect();
+                    let patch = HookPatch { hook: 0, value: from[0].data.clone(), mask };
+                    let after = run(&mut engine, base, vec![patch]);
+                    let delta: Vec<f64> =
+                        after[1].data.iter().zip(&before[1].data).map(|(a, b)| (a - b) as f64).collect();
+                    let per_layer = |runs: &[patchbay::run::attribution::Run]| -> f64 {
+                        delta.iter().zip(&runs[p].gradients[layer].data).map(|(d, g)| d * *g as f64).sum()
+                    };
+                    score += by_layer.iter().map(|runs| per_layer(runs).abs()).sum::<f64>() / (n_layers - 1) as f64;
+                }
+                score /= base_ids.len() as f64;
+                let got = row.cells[0].estimate.unwrap();
+                assert!(
+                    (got - score).abs() <= 1e-4 * (1.0 + score),
+                    "{arch:?} {} {} {}: {got} vs {score}",
+                    variant.label,
+                    row.target,
+                    row.component
+                );
+                checked += 1;
+            }
+        }
+        let heads = config.n_heads + config.n_kv_heads;
+        assert_eq!(checked, 2 * n_layers * heads, "{arch:?}");
+    }
+}
+
 fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {
     run.values[layer].data.clone()
 }

@@ -600,7 +600,7 @@ fn special_and_huge_files_are_refused() {
 fn attribution_options() {
     insta::assert_snapshot!(diagnose(
         &with_head(
-            "corruption s2 = replace S2 with IO\npatch a = attn.hook_z layers 1 heads all by attribution verify top 0\npatch b = attn.hook_z layers 1 verify top 2\npatch c = {attn.hook_v, attn.hook_k} layers all by atp*\npatch d = hook_mlp_out by attribution verify top 99999999999999999999\nmetric ld = logit_diff\n"
+            "corruption s2 = replace S2 with IO\npatch a = attn.hook_z layers 1 heads all by attribution verify top 0\npatch b = attn.hook_z layers 1 verify top 2\npatch d = hook_mlp_out by attribution verify top 99999999999999999999\nmetric ld = logit_diff\n"
         ),
         &[]
     ));

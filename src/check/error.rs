@@ -100,7 +100,6 @@ pub enum CheckError {
     SummationWithoutWindow,
     VerifyWithoutEstimate,
     VerifyCount { count: String },
-    AtpStarQkFix { hook: String },
     WindowWithoutLayers,
     WindowOutOfRange { window: String, n_layers: usize },
     // Metrics, the sweep and expectations.
@@ -325,7 +324,6 @@ impl CheckError {
             SummationWithoutWindow => "patchbay::summation_without_window",
             VerifyWithoutEstimate => "patchbay::verify_without_estimate",
             VerifyCount { .. } => "patchbay::verify_count",
-            AtpStarQkFix { .. } => "patchbay::atp_star_qk_fix",
             WindowWithoutLayers => "patchbay::window_without_layers",
             WindowOutOfRange { .. } => "patchbay::window_out_of_range",
             NoDataset => "patchbay::no_dataset",
@@ -482,9 +480,6 @@ impl CheckError {
             SummationWithoutWindow => "the summation baseline compares against sliding windows".into(),
             VerifyWithoutEstimate => "`verify top k` checks estimates, but this target is patched exactly".into(),
             VerifyCount { count } => format!("`verify top {count}` is not a count of components to verify"),
-            AtpStarQkFix { hook } => {
-                format!("`by atp*` cannot estimate `{hook}`: AtP*'s QK fix (recomputing the attention softmax for query and key patches) is not implemented")
-            }
             WindowWithoutLayers => "a sliding window needs a hook with layers".into(),
             WindowOutOfRange { window, n_layers } => {
                 format!("window {window} is out of range: windows span 1..{n_layers} layers")

@@ -7,9 +7,6 @@ use crate::ir::experiment::*;
 use crate::model::{Dim, Manifest};
 use crate::syntax::ast::{self, Estimator, Ident, PositionSel, SelItem, Selection, Spanned};
 
-/// Hooks AtP*'s QK fix applies to (queries and keys feed the attention softmax); not implemented.
-const QK_FIX_HOOKS: [&str; 2] = ["attn.hook_q", "attn.hook_k"];
-
 impl Checker<'_> {
     /// Resolve each patch target (against the datasets of the sweep, for positions).
     pub fn patches(&mut self) {
@@ -233,11 +230,6 @@ fn patch(
                 hooks.push(r);
             }
             Err(e) => errors.push(e.at(&h.span)),
-        }
-    }
-    if let (Method::AtpStar, Some(e)) = (method, &p.estimate) {
-        for h in hooks.iter().filter(|h| QK_FIX_HOOKS.contains(&h.short())) {
-            errors.push(CheckError::AtpStarQkFix { hook: h.short().to_string() }.at(&e.span));
         }
     }
     if errors.len() > n0 {

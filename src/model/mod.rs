@@ -3,6 +3,7 @@
 //! A model directory holds `model.onnx` (+ `model.onnx.data`, its external weights),
 //! `tokenizer.json` and the manifest `patchbay.json` described by [`Manifest`].
 
+pub mod attention;
 pub mod checkpoint;
 pub mod reference;
 pub mod rope;

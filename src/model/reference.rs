@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 
+use crate::model::attention::{self, dot};
 use crate::model::checkpoint::{optional, required, Checkpoint, Tensor};
 use crate::model::{Architecture, ModelConfig};
 
@@ -145,28 +146,8 @@ fn attention(
     patch(&hook("hook_q"), &mut q);
     patch(&hook("hook_k"), &mut k);
     patch(&hook("hook_v"), &mut v);
-    let (q_rot, k_rot) = match c.architecture {
-        Architecture::Llama => {
-            let inv_freq =
-                c.rope_inv_freq().ok_or_else(|| anyhow::anyhow!("a llama model needs a RoPE base frequency"))?;
-            (rope(&q, nh, dh, &inv_freq), rope(&k, nkv, dh, &inv_freq))
-        }
-        Architecture::Gpt2 => (q.clone(), k.clone()),
-    };
-
-    // Grouped-query attention: consecutive query heads share a key/value head (HF `repeat_kv`).
+    let mut pattern = attention::pattern(c, &q, &k)?;
     let group = nh / nkv;
-    let scale = 1.0 / (dh as f32).sqrt();
-    let mut pattern = vec![0.0; nh * n * n];
-    for h in 0..nh {
-        let kvh = h / group;
-        for i in 0..n {
-            let qi = &q_rot[(i * nh + h) * dh..][..dh];
-            // Causal: query i attends to keys 0..=i.
-            let scores: Vec<f32> = (0..=i).map(|j| dot(qi, &k_rot[(j * nkv + kvh) * dh..][..dh]) * scale).collect();
-            pattern[(h * n + i) * n..][..=i].copy_from_slice(&softmax(&scores));
-        }
-    }
     patch(&hook("hook_pattern"), &mut pattern);
     let mut z = vec![0.0; n * nh * dh];
     for h in 0..nh {
@@ -249,24 +230,6 @@ fn norm(ckpt: &dyn Checkpoint, c: &ModelConfig, prefix: &str, x: &[f32]) -> Resu
     Ok(out)
 }
 
-/// Rotary position embedding, HF "rotate half" convention, on `[pos, heads, d_head]`:
-/// x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1) and frequency `inv_freq[i]`
-/// shared by both halves. Angles are computed in f64 for accuracy.
-fn rope(x: &[f32], heads: usize, dh: usize, inv_freq: &[f32]) -> Vec<f32> {
-    let half = dh / 2;
-    let mut out = x.to_vec();
-    for (idx, head) in out.chunks_exact_mut(dh).enumerate() {
-        let pos = (idx / heads) as f64;
-        for i in 0..half {
-            let (sin, cos) = (pos * inv_freq[i] as f64).sin_cos();
-            let (x1, x2) = (head[i] as f64, head[i + half] as f64);
-            head[i] = (x1 * cos - x2 * sin) as f32;
-            head[i + half] = (x2 * cos + x1 * sin) as f32;
-        }
-    }
-    out
-}
-
 /// Rows of `x` times `w^T` (`w` is `[out, in]`), plus `b`.
 fn linear(x: &[f32], w: &Tensor, b: Option<&Tensor>) -> Vec<f32> {
     let (d_out, d_in) = (w.shape[0], w.shape[1]);
@@ -284,21 +247,10 @@ fn row(t: &Tensor, i: usize) -> &[f32] {
     &t.data[i * width..(i + 1) * width]
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-fn softmax(scores: &[f32]) -> Vec<f32> {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
 }
 
 fn silu(x: f32) -> f32 {
@@ -314,6 +266,7 @@ fn gelu_new(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::attention::rope;
     use crate::model::{Dim, Manifest};
     use crate::test_support::synth::{tiny, SynthModel};
 

@@ -14,7 +14,7 @@ use ort::value::Tensor as OrtTensor;
 
 use crate::ir::experiment::MetricKind;
 use crate::model::checkpoint::Tensor;
-use crate::model::{Dim, ModelDir};
+use crate::model::{Dim, ModelConfig, ModelDir};
 use crate::onnx::autodiff;
 use crate::onnx::proto::{data_type, GraphProto, ModelProto};
 use crate::run::engine::{self, Pass};
@@ -31,6 +31,7 @@ pub struct Gradients {
     /// The graph tensor of each hook (after its patch: what the rest of the graph reads).
     tensors: Vec<String>,
     vocab: usize,
+    config: ModelConfig,
     /// With GradDrop gates: the number of layers whose residual writes a pass can drop.
     droppable_layers: Option<usize>,
 }
@@ -79,6 +80,7 @@ impl Gradients {
             hooks: hooks.iter().map(shape_of).collect::<Result<_>>()?,
             tensors,
             vocab: manifest.config.vocab_size,
+            config: manifest.config.clone(),
             droppable_layers: graddrop.then_some(manifest.config.n_layers),
         })
     }
@@ -86,6 +88,10 @@ impl Gradients {
     /// The layers a pass can drop from its backward pass (GradDrop), if the session has gates.
     pub fn droppable_layers(&self) -> Option<usize> {
         self.droppable_layers
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
     }
 
     pub fn vocab(&self) -> usize {

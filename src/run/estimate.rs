@@ -7,13 +7,20 @@
 //! noising; per noise sample). The patches are exactly those the exact executors apply
 //! ([`Setup::patched_pass`]), so an estimate and its exact value differ only by the
 //! linearisation.
+//!
+//! AtP* (Kramar et al. 2024) changes two things: GradDrop (one backward pass per layer, that
+//! layer's residual writes dropped; the score is the mean size of those estimates) and the QK
+//! fix (a patch of queries or keys changes the attention pattern, which is recomputed exactly,
+//! and only what follows the pattern is linearised).
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::ir::experiment::Method;
+use crate::model::attention;
 use crate::model::checkpoint::Tensor;
+use crate::model::ModelConfig;
 use crate::run::attribution::{metric_gradient, Gradients, Seed};
-use crate::run::engine::{Output, Pass};
+use crate::run::engine::{HookPatch, Output, Pass};
 use crate::run::execute::{base_logits, cached_runs, Forward};
 use crate::run::metrics::Readout;
 use crate::run::passes::{Setup, VariantValues, Work};
@@ -82,6 +89,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     }
     let plain = drops.iter().position(Option::is_none);
     let dropped: Vec<usize> = (0..drops.len()).filter(|&d| drops[d].is_some()).collect();
+    let qk = QkFix::new(&setup.hooks, model.config().clone());
     // [run][prompt][sample] -> every metric's estimate
     let mut estimates: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
     for (run, run_estimates) in setup.variant.patches.iter().zip(estimates.iter_mut()) {
@@ -90,23 +98,36 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
                 let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
                 let base_values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
                 let (pass, from) = setup.patched_pass(run, p, &base, base_acts, &source);
-                let change = |d: usize, m: usize| first_order_change(&pass, base_acts, &gradients[p][s][m][d]);
-                *values = match from {
+                if from.is_none() {
                     // Nothing changes: the base run's own metrics, as the exact executors give.
-                    None => base_values,
-                    Some(_) => (0..n_metrics)
-                        .map(|m| match run.method {
-                            Method::AtpStar => {
-                                // GradDrop (Kramar et al. 2024): the mean |estimate| over the
-                                // dropped layers, over L - 1 since a component's own layer
-                                // drops all of its effect. Unsigned: the size of the change.
-                                let size: f64 = dropped.iter().map(|&d| change(d, m).abs()).sum();
-                                base_values[m] + size / (n_layers.max(2) - 1) as f64
-                            }
-                            _ => base_values[m] + change(plain.expect("AtP runs have the plain gradient"), m),
+                    *values = base_values;
+                    continue;
+                }
+                let star = run.method == Method::AtpStar;
+                let patterns = if star { qk.pattern_changes(&pass, base_acts)? } else { vec![] };
+                let change = |d: usize, m: usize| {
+                    let gradient = &gradients[p][s][m][d];
+                    let through_patterns: f64 = patterns
+                        .iter()
+                        .map(|(h, delta)| {
+                            delta.iter().zip(&gradient[*h].data).map(|(x, g)| *x as f64 * *g as f64).sum::<f64>()
                         })
-                        .collect(),
+                        .sum();
+                    let linearised = if star { qk.linearised(&pass) } else { pass.patches.iter().collect() };
+                    first_order_change(&linearised, base_acts, gradient) + through_patterns
                 };
+                *values = (0..n_metrics)
+                    .map(|m| match run.method {
+                        Method::AtpStar => {
+                            // GradDrop: the mean |estimate| over the dropped layers, over L - 1
+                            // since a component's own layer drops all of its effect. Unsigned:
+                            // the size of the change.
+                            let size: f64 = dropped.iter().map(|&d| change(d, m).abs()).sum();
+                            base_values[m] + size / (n_layers.max(2) - 1) as f64
+                        }
+                        _ => base_values[m] + change(plain.expect("AtP runs have the plain gradient"), m),
+                    })
+                    .collect::<Vec<f64>>();
             }
         }
     }
@@ -116,9 +137,25 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     Ok(values)
 }
 
+/// The hooks AtP*'s QK fix reads besides the patched ones: for every layer whose queries or
+/// keys `runs` patch, its queries, keys and attention pattern.
+pub fn qk_fix_hooks(runs: &[&crate::ir::plan::PatchRun]) -> Vec<String> {
+    let mut hooks = vec![];
+    for hook in runs.iter().flat_map(|r| &r.hooks) {
+        let Some(layer) = hook.strip_suffix("attn.hook_q").or(hook.strip_suffix("attn.hook_k")) else { continue };
+        for name in ["hook_q", "hook_k", "hook_pattern"] {
+            let full = format!("{layer}attn.{name}");
+            if !hooks.contains(&full) {
+                hooks.push(full);
+            }
+        }
+    }
+    hooks
+}
+
 /// sum over the patched activations of (a_source - a_base) dM/da.
-fn first_order_change(pass: &Pass, base_acts: &[Tensor], gradient: &[Tensor]) -> f64 {
-    pass.patches
+fn first_order_change(patches: &[&HookPatch], base_acts: &[Tensor], gradient: &[Tensor]) -> f64 {
+    patches
         .iter()
         .map(|patch| {
             let (a, g) = (&base_acts[patch.hook].data, &gradient[patch.hook].data);
@@ -132,4 +169,83 @@ fn first_order_change(pass: &Pass, base_acts: &[Tensor], gradient: &[Tensor]) ->
                 .sum::<f64>()
         })
         .sum()
+}
+
+/// AtP*'s QK fix: per layer whose queries or keys a pass patches, the attention pattern
+/// recomputed from the patched queries and keys, minus the base run's (both by
+/// [`attention::pattern`], so unchanged rows differ by exactly 0). The gradient is then taken
+/// at the pattern instead of at the queries and keys.
+struct QkFix {
+    /// Per layer: the layer and the indices of its `attn.hook_q`, `attn.hook_k` and
+    /// `attn.hook_pattern`.
+    layers: Vec<(usize, [usize; 3])>,
+    /// Query and key hooks without their layer's other two (a patch of them cannot be fixed).
+    unfixable: Vec<usize>,
+    config: ModelConfig,
+}
+
+impl QkFix {
+    /// The layers whose query, key and pattern hooks are all among `hooks`.
+    fn new(hooks: &[(String, Vec<crate::model::Dim>)], config: ModelConfig) -> QkFix {
+        let index = |name: String| hooks.iter().position(|(h, _)| *h == name);
+        let (mut layers, mut unfixable) = (vec![], vec![]);
+        for l in 0..config.n_layers {
+            let hook = |s: &str| index(format!("blocks.{l}.attn.{s}"));
+            match (hook("hook_q"), hook("hook_k"), hook("hook_pattern")) {
+                (Some(q), Some(k), Some(pattern)) => layers.push((l, [q, k, pattern])),
+                (q, k, _) => unfixable.extend(q.into_iter().chain(k)),
+            }
+        }
+        QkFix { layers, unfixable, config }
+    }
+
+    fn fixes(&self, hook: usize) -> bool {
+        self.layers.iter().any(|(_, [q, k, _])| *q == hook || *k == hook)
+    }
+
+    /// The pass's patches that the QK fix does not handle.
+    fn linearised<'p>(&self, pass: &'p Pass) -> Vec<&'p HookPatch> {
+        pass.patches.iter().filter(|p| !self.fixes(p.hook)).collect()
+    }
+
+    /// (pattern hook, exact change of its values) for every layer whose queries or keys `pass`
+    /// patches.
+    fn pattern_changes(&self, pass: &Pass, base_acts: &[Tensor]) -> Result<Vec<(usize, Vec<f32>)>> {
+        let patched = |hook: usize| -> Option<Vec<f32>> {
+            let patch = pass.patches.iter().find(|p| p.hook == hook)?;
+            let mut values = base_acts[hook].data.clone();
+            for ((v, &on), &new) in values.iter_mut().zip(&patch.mask).zip(&patch.value) {
+                if on {
+                    *v = new;
+                }
+            }
+            Some(values)
+        };
+        if let Some(patch) = pass.patches.iter().find(|p| self.unfixable.contains(&p.hook)) {
+            bail!("AtP*'s QK fix needs hook {}'s layer's queries, keys and pattern captured", patch.hook);
+        }
+        let mut changes = vec![];
+        for &(layer, [q, k, pattern]) in &self.layers {
+            let (new_q, new_k) = (patched(q), patched(k));
+            if new_q.is_none() && new_k.is_none() {
+                continue;
+            }
+            let (base_q, base_k) = (&base_acts[q].data, &base_acts[k].data);
+            let before = attention::pattern(&self.config, base_q, base_k)?;
+            // The recomputation must be the model's own attention: checked on the base run.
+            let off = before.iter().zip(&base_acts[pattern].data).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            if off > 1e-3 {
+                bail!(
+                    "AtP*'s QK fix recomputes attention patterns the way patchbay's imported models compute them, but this model's layer {layer} pattern differs by {off:.1e}; estimate query and key patches `by attribution` instead"
+                );
+            }
+            let after = attention::pattern(
+                &self.config,
+                new_q.as_deref().unwrap_or(base_q),
+                new_k.as_deref().unwrap_or(base_k),
+            )?;
+            changes.push((pattern, after.iter().zip(&before).map(|(a, b)| a - b).collect()));
+        }
+        Ok(changes)
+    }
 }

@@ -161,8 +161,18 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             true => None,
             false => {
                 drop(current.take());
-                let graddrop = estimated.iter().any(|&r| full_variant.patches[r].method == Method::AtpStar);
-                let mut model = Gradients::new(&dir, &hooks, &hooks, graddrop, device)?;
+                let star: Vec<&crate::ir::plan::PatchRun> = estimated
+                    .iter()
+                    .map(|&r| &full_variant.patches[r])
+                    .filter(|run| run.method == Method::AtpStar)
+                    .collect();
+                let mut captured = hooks.clone();
+                for extra in estimate::qk_fix_hooks(&star) {
+                    if !captured.contains(&extra) {
+                        captured.push(extra);
+                    }
+                }
+                let mut model = Gradients::new(&dir, &hooks, &captured, !star.is_empty(), device)?;
                 let sub = subset(full_variant, &estimated);
                 let setup = Setup::new(&sub, &plan.metrics, model.hooks.clone());
                 let rows = rows_per_backward(&dir, full_variant, opts.memory_bytes);

@@ -83,7 +83,6 @@ impl CheckError {
             SummationWithoutWindow => "no `window` here".into(),
             VerifyWithoutEstimate => "no `by attribution` or `by atp*` here".into(),
             VerifyCount { .. } => "not a positive count of a sane size".into(),
-            AtpStarQkFix { .. } => "a query or key hook".into(),
             WindowWithoutLayers => "window".into(),
             WindowOutOfRange { .. } => "bad window".into(),
             NoDataset => "no `dataset`".into(),
@@ -294,9 +293,6 @@ impl CheckError {
             SummationWithoutWindow => "add `window [3, 5]` to this patch".into(),
             VerifyWithoutEstimate => "add `by attribution` (or `by atp*`) before `verify`, or drop `verify top k`".into(),
             VerifyCount { .. } => "verify at least one component, e.g. `verify top 20`".into(),
-            AtpStarQkFix { .. } => {
-                "estimate query and key patches `by attribution` (plain AtP, which linearises the softmax), or patch them exactly".into()
-            }
             WindowWithoutLayers => {
                 "drop `window` for a layer-less hook, or patch a per-layer hook such as `hook_mlp_out`".into()
             }
