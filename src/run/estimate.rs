@@ -62,9 +62,57 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             }
         }
     }
-    // [prompt][sample][metric][drop] -> the gradient at every hook
-    let mut gradients: Vec<Vec<Vec<Vec<Vec<Tensor>>>>> =
-        vec![vec![vec![vec![vec![]; drops.len()]; n_metrics]; samples]; n];
+    let plain = drops.iter().position(Option::is_none);
+    let dropped: Vec<usize> = (0..drops.len()).filter(|&d| drops[d].is_some()).collect();
+    let qk = QkFix::new(&setup.hooks, model.config().clone());
+    // Every run's estimates for base run (p, s), from its gradients `[metric][drop]`.
+    let estimate = |p: usize, s: usize, gradients: &[Vec<Vec<Tensor>>]| -> Result<Vec<Vec<f64>>> {
+        let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
+        let base_values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
+        let mut out = vec![];
+        for run in &setup.variant.patches {
+            let (pass, from) = setup.patched_pass(run, p, &base, base_acts, &source);
+            if from.is_none() {
+                // Nothing changes: the base run's own metrics, as the exact executors give.
+                out.push(base_values.clone());
+                continue;
+            }
+            let star = run.method == Method::AtpStar;
+            let patterns = if star { qk.pattern_changes(&pass, base_acts)? } else { vec![] };
+            let linearised = if star { qk.linearised(&pass) } else { pass.patches.iter().collect() };
+            let change = |d: usize, m: usize| {
+                let gradient = &gradients[m][d];
+                let through_patterns: f64 = patterns
+                    .iter()
+                    .map(|(h, delta)| {
+                        delta.iter().zip(&gradient[*h].data).map(|(x, g)| *x as f64 * *g as f64).sum::<f64>()
+                    })
+                    .sum();
+                first_order_change(&linearised, base_acts, gradient) + through_patterns
+            };
+            out.push(
+                (0..n_metrics)
+                    .map(|m| match run.method {
+                        Method::AtpStar => {
+                            // GradDrop: the mean |estimate| over the dropped layers, over L - 1
+                            // since a component's own layer drops all of its effect. Unsigned:
+                            // the size of the change.
+                            let size: f64 = dropped.iter().map(|&d| change(d, m).abs()).sum();
+                            base_values[m] + size / (n_layers.max(2) - 1) as f64
+                        }
+                        _ => base_values[m] + change(plain.expect("AtP runs have the plain gradient"), m),
+                    })
+                    .collect(),
+            );
+        }
+        Ok(out)
+    };
+    // [run][prompt][sample] -> every metric's estimate
+    let mut estimates: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
+    // The gradients of base runs whose backward passes are not all done yet, `[metric][drop]`:
+    // a base run's are used and dropped as soon as it has them all, so memory does not grow
+    // with the prompts times the dropped layers.
+    let mut pending: std::collections::HashMap<(usize, usize), Vec<Vec<Vec<Tensor>>>> = Default::default();
     let mut work = Work::default();
     for chunk in jobs.chunks(rows.max(1)) {
         let mut passes = vec![];
@@ -84,50 +132,13 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             passes.push(base);
         }
         for (&(p, s, m, d), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
-            gradients[p][s][m][d] = run.gradients;
-        }
-    }
-    let plain = drops.iter().position(Option::is_none);
-    let dropped: Vec<usize> = (0..drops.len()).filter(|&d| drops[d].is_some()).collect();
-    let qk = QkFix::new(&setup.hooks, model.config().clone());
-    // [run][prompt][sample] -> every metric's estimate
-    let mut estimates: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    for (run, run_estimates) in setup.variant.patches.iter().zip(estimates.iter_mut()) {
-        for (p, prompt_estimates) in run_estimates.iter_mut().enumerate() {
-            for (s, values) in prompt_estimates.iter_mut().enumerate() {
-                let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
-                let base_values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
-                let (pass, from) = setup.patched_pass(run, p, &base, base_acts, &source);
-                if from.is_none() {
-                    // Nothing changes: the base run's own metrics, as the exact executors give.
-                    *values = base_values;
-                    continue;
+            let gradients = pending.entry((p, s)).or_insert_with(|| vec![vec![vec![]; drops.len()]; n_metrics]);
+            gradients[m][d] = run.gradients;
+            if m + 1 == n_metrics && d + 1 == drops.len() {
+                let gradients = pending.remove(&(p, s)).expect("inserted above");
+                for (r, values) in estimate(p, s, &gradients)?.into_iter().enumerate() {
+                    estimates[r][p][s] = values;
                 }
-                let star = run.method == Method::AtpStar;
-                let patterns = if star { qk.pattern_changes(&pass, base_acts)? } else { vec![] };
-                let change = |d: usize, m: usize| {
-                    let gradient = &gradients[p][s][m][d];
-                    let through_patterns: f64 = patterns
-                        .iter()
-                        .map(|(h, delta)| {
-                            delta.iter().zip(&gradient[*h].data).map(|(x, g)| *x as f64 * *g as f64).sum::<f64>()
-                        })
-                        .sum();
-                    let linearised = if star { qk.linearised(&pass) } else { pass.patches.iter().collect() };
-                    first_order_change(&linearised, base_acts, gradient) + through_patterns
-                };
-                *values = (0..n_metrics)
-                    .map(|m| match run.method {
-                        Method::AtpStar => {
-                            // GradDrop: the mean |estimate| over the dropped layers, over L - 1
-                            // since a component's own layer drops all of its effect. Unsigned:
-                            // the size of the change.
-                            let size: f64 = dropped.iter().map(|&d| change(d, m).abs()).sum();
-                            base_values[m] + size / (n_layers.max(2) - 1) as f64
-                        }
-                        _ => base_values[m] + change(plain.expect("AtP runs have the plain gradient"), m),
-                    })
-                    .collect::<Vec<f64>>();
             }
         }
     }
