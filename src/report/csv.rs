@@ -107,7 +107,7 @@ pub fn per_prompt_csv(plan: &Plan, rows: &[Row]) -> Result<Vec<u8>> {
             record.extend([p.to_string(), String::new()]);
             for metric in &row.per_prompt {
                 let (value, effect, patched) = metric[p];
-                record.extend([num(value), num(Some(effect)), num(Some(patched))]);
+                record.extend([num(value), num(Some(effect)), num(patched)]);
             }
             w.write_record(&record)?;
         }

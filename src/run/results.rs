@@ -40,8 +40,9 @@ pub struct Row {
     /// How the row's values were measured: exact patching, or the attribution estimate.
     pub method: Method,
     pub cells: Vec<Cells>,
-    /// `[metric][prompt]`: the per-prompt value (as `value`), effect and patched metric.
-    pub per_prompt: Vec<Vec<(Option<f64>, f64, f64)>>,
+    /// `[metric][prompt]`: the per-prompt value (as `value`), effect and patched metric (none
+    /// for an AtP* score, which estimates no patched metric).
+    pub per_prompt: Vec<Vec<(Option<f64>, f64, Option<f64>)>>,
 }
 
 fn mean(x: &[f64]) -> f64 {
@@ -64,7 +65,7 @@ fn cells(
     values: &VariantValues,
     m: usize,
     patched: &[f64],
-) -> (Cells, Vec<(Option<f64>, f64, f64)>) {
+) -> (Cells, Vec<(Option<f64>, f64, Option<f64>)>) {
     let clean = &values.clean[m];
     let corrupted = values.corrupted.as_ref().map(|c| &c[m]);
     let base: &[f64] = match (direction, corrupted) {
@@ -97,7 +98,8 @@ fn cells(
         },
     };
     let sem = per_prompt_value.iter().copied().collect::<Option<Vec<f64>>>().and_then(|v| sem(&v));
-    let per_prompt = per_prompt_value.into_iter().zip(&effects).zip(patched).map(|((v, e), p)| (v, *e, *p)).collect();
+    let per_prompt =
+        per_prompt_value.into_iter().zip(&effects).zip(patched).map(|((v, e), p)| (v, *e, Some(*p))).collect();
     (
         Cells {
             value,
@@ -123,7 +125,12 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
         let mut cells_all = vec![];
         let mut per_prompt = vec![];
         for (m, metric) in plan.metrics.iter().enumerate() {
-            let (mut c, pp) = cells(metric, variant.direction, values, m, &values.patched[r][m]);
+            let (mut c, mut pp) = cells(metric, variant.direction, values, m, &values.patched[r][m]);
+            if !values.exact[r] && run.method == Method::AtpStar {
+                // A score is the size of the change: base + score is no metric of a patched run.
+                c.patched = None;
+                pp.iter_mut().for_each(|p| p.2 = None);
+            }
             c.estimate =
                 values.estimates[r].as_ref().and_then(|e| cells(metric, variant.direction, values, m, &e[m]).0.value);
             cells_all.push(c);
@@ -140,7 +147,7 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
     rows
 }
 
-fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<(Option<f64>, f64, f64)>>) -> Row {
+fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<(Option<f64>, f64, Option<f64>)>>) -> Row {
     let positions = &run.token_positions;
     let same = positions.first().filter(|first| positions.iter().all(|p| p == *first)).copied();
     Row {
