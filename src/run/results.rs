@@ -23,6 +23,10 @@ pub struct Cells {
     pub estimate: Option<f64>,
 }
 
+/// One prompt's value (as [`Cells::value`]), effect and patched metric (none for an AtP*
+/// score, which estimates no patched metric).
+pub type PromptCells = (Option<f64>, f64, Option<f64>);
+
 /// One CSV row: a (variant, component), or a window's summation baseline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
@@ -40,9 +44,8 @@ pub struct Row {
     /// How the row's values were measured: exact patching, or the attribution estimate.
     pub method: Method,
     pub cells: Vec<Cells>,
-    /// `[metric][prompt]`: the per-prompt value (as `value`), effect and patched metric (none
-    /// for an AtP* score, which estimates no patched metric).
-    pub per_prompt: Vec<Vec<(Option<f64>, f64, Option<f64>)>>,
+    /// `[metric][prompt]`.
+    pub per_prompt: Vec<Vec<PromptCells>>,
 }
 
 fn mean(x: &[f64]) -> f64 {
@@ -65,7 +68,7 @@ fn cells(
     values: &VariantValues,
     m: usize,
     patched: &[f64],
-) -> (Cells, Vec<(Option<f64>, f64, Option<f64>)>) {
+) -> (Cells, Vec<PromptCells>) {
     let clean = &values.clean[m];
     let corrupted = values.corrupted.as_ref().map(|c| &c[m]);
     let base: &[f64] = match (direction, corrupted) {
@@ -147,7 +150,7 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
     rows
 }
 
-fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<(Option<f64>, f64, Option<f64>)>>) -> Row {
+fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<PromptCells>>) -> Row {
     let positions = &run.token_positions;
     let same = positions.first().filter(|first| positions.iter().all(|p| p == *first)).copied();
     Row {
