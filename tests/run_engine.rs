@@ -410,7 +410,7 @@ sweep { direction: [denoise, noise] }
                 let last = &logits.data[logits.data.len() - vocab..];
                 let (r, w) = (prompt.answer.ids()[0] as usize, prompt.wrong.as_ref().unwrap().ids()[0] as usize);
                 let expected = (last[r] - last[w]) as f64;
-                let got = row.per_prompt[0][p].2;
+                let got = row.per_prompt[0][p].2.expect("an exact row has patched metrics");
                 assert!(
                     (got - expected).abs() < 1e-4,
                     "{arch:?} {} {} {} prompt {p}: {got} vs {expected}",
