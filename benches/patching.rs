@@ -124,6 +124,8 @@ fn main() -> anyhow::Result<()> {
             timed.push((start.elapsed().as_secs_f64(), outcome));
         }
         let exact: Vec<f64> = timed[0].1.rows.iter().map(|r| r.cells[0].value.unwrap()).collect();
+        let sizes: Vec<f64> =
+            timed[0].1.rows.iter().map(|r| patchbay::report::agreement::exact_size(r, 0).unwrap()).collect();
         let top = |v: &[f64]| {
             let mut order: Vec<usize> = (0..v.len()).collect();
             order.sort_by(|&a, &b| v[b].abs().total_cmp(&v[a].abs()));
@@ -134,8 +136,8 @@ fn main() -> anyhow::Result<()> {
         println!("  exact fast path  {:>8.1} s  {:>7} patched passes", timed[0].0, timed[0].1.work.passes);
         for ((seconds, outcome), method) in timed[1..].iter().zip(["attribution", "AtP*"]) {
             let ys: Vec<f64> = outcome.rows.iter().map(|r| r.cells[0].estimate.unwrap()).collect();
-            // AtP*'s score is the effect's size: it ranks against |exact|.
-            let xs: Vec<f64> = exact.iter().map(|x| if method == "AtP*" { x.abs() } else { *x }).collect();
+            // AtP*'s score is the effect's size: it ranks against the exact sizes.
+            let xs = if method == "AtP*" { sizes.clone() } else { exact.clone() };
             let recalled = top(&xs).iter().filter(|i| top(&ys).contains(i)).count();
             let spearman = patchbay::report::agreement::spearman(&xs, &ys).unwrap_or(f64::NAN);
             println!(

@@ -20,12 +20,12 @@ fn tiny_model(dir: &Path, arch: Architecture) -> ModelDir {
     ModelDir::open(&dir.join("model")).unwrap()
 }
 
-/// A deterministic pseudo-random sequence in [-1, 1).
 /// Backward passes from `seeds` (dM/d(logits)), no layer dropped.
 fn plain(seeds: &[Vec<f32>]) -> Vec<Seed> {
     seeds.iter().map(|s| Seed { d_logits: s.clone(), dropped_layer: None }).collect()
 }
 
+/// A deterministic pseudo-random sequence in [-1, 1).
 fn noise(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
@@ -387,7 +387,7 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
         let (n_layers, vocab) = (config.n_layers, config.vocab_size);
         let patterns: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_pattern")).collect();
         let mut grads = Gradients::new(&dir, &[], &patterns, true, Device::Cpu).unwrap();
-        let mut checked = 0;
+        let (mut checked, mut largest_fix) = (0, 0.0f64);
         for (v, variant) in outcome.plan.variants.iter().enumerate() {
             let denoise = variant.direction.name() == "denoise";
             let ids_of = |clean: bool| -> Vec<Vec<u32>> {
@@ -430,7 +430,7 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
                     Device::Cpu,
                 )
                 .unwrap();
-                let mut score = 0.0;
+                let (mut score, mut linear) = (0.0, 0.0);
                 for (base, source) in base_ids.iter().zip(&source_ids) {
                     let p = base_ids.iter().position(|b| std::ptr::eq(b, base)).unwrap();
                     let run = |engine: &mut Engine, ids: &Vec<u32>, patches| {
@@ -449,8 +449,31 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
                         delta.iter().zip(&runs[p].gradients[layer].data).map(|(d, g)| d * *g as f64).sum()
                     };
                     score += by_layer.iter().map(|runs| per_layer(runs).abs()).sum::<f64>() / (n_layers - 1) as f64;
+                    // Without the fix: the first-order change of the pattern, from the
+                    // difference quotient of the graph's own pattern along the patch.
+                    let t = 1e-3f32;
+                    let (hq, fq) = (&before[0].data, &from[0].data);
+                    let small: Vec<f32> = hq.iter().zip(fq).map(|(b, f)| b + t * (f - b)).collect();
+                    let heads_mask: Vec<bool> = (0..hq.len()).map(|i| (i / d_head) % heads == head).collect();
+                    let nudged = run(&mut engine, base, vec![HookPatch { hook: 0, value: small, mask: heads_mask }]);
+                    let slope: Vec<f64> =
+                        nudged[1].data.iter().zip(&before[1].data).map(|(a, b)| (a - b) as f64 / t as f64).collect();
+                    linear += by_layer
+                        .iter()
+                        .map(|runs| {
+                            slope
+                                .iter()
+                                .zip(&runs[p].gradients[layer].data)
+                                .map(|(d, g)| d * *g as f64)
+                                .sum::<f64>()
+                                .abs()
+                        })
+                        .sum::<f64>()
+                        / (n_layers - 1) as f64;
                 }
                 score /= base_ids.len() as f64;
+                linear /= base_ids.len() as f64;
+                largest_fix = largest_fix.max((score - linear).abs() / (1e-3 + score));
                 let got = row.cells[0].estimate.unwrap();
                 assert!(
                     (got - score).abs() <= 1e-4 * (1.0 + score),
@@ -464,7 +487,43 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
         }
         let heads = config.n_heads + config.n_kv_heads;
         assert_eq!(checked, 2 * n_layers * heads, "{arch:?}");
+        // The fix matters on these models: somewhere it moves the score by more than 5%.
+        assert!(largest_fix > 0.05, "{arch:?}: the QK fix changes no score by more than {largest_fix}");
+        eprintln!("{arch:?}: the QK fix moves a score by up to {:.0}%", 100.0 * largest_fix);
     }
+}
+
+/// How the backward passes are batched does not change the estimates: AtP and AtP* targets in
+/// one variant, two metrics, a noise corruption with two samples, one pass per call against the
+/// default budget.
+#[test]
+fn estimates_do_not_depend_on_batching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = experiment(
+        tmp.path(),
+        Architecture::Llama,
+        "corruption gn = noise on S2 samples 2 seed 7\npatch atp = attn.hook_z layers all heads all by attribution verify top 2\npatch star = hook_resid_pre layers all positions each by atp* verify top 2\nmetric ld = logit_diff normalized\nmetric p = prob",
+    );
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let run = |memory_bytes| {
+        let options = patchbay::run::RunOptions { memory_bytes, ..Default::default() };
+        patchbay::run::run(&exp, &options).unwrap().rows
+    };
+    let (batched, one_by_one) = (run(1 << 30), run(1));
+    assert_eq!(batched.len(), one_by_one.len());
+    let mut compared = 0;
+    for (a, b) in batched.iter().zip(&one_by_one) {
+        assert_eq!((&a.target, &a.component, a.method), (&b.target, &b.component, b.method));
+        for (x, y) in a.cells.iter().zip(&b.cells) {
+            for (u, v) in [(x.estimate, y.estimate), (x.value, y.value)] {
+                if let (Some(u), Some(v)) = (u, v) {
+                    assert!((u - v).abs() <= 1e-5 * (1.0 + u.abs()), "{} {}: {u} vs {v}", a.target, a.component);
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert!(compared > 100);
 }
 
 fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {

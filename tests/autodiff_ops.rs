@@ -218,7 +218,8 @@ fn every_rule_matches_central_differences() {
             out[&y].1.iter().zip(&seed).map(|(a, b)| (a * b) as f64).sum()
         };
         for (i, input) in case.inputs.iter().enumerate().filter(|(_, input)| input.2) {
-            let grad = &analytic[&autodiff::gradient_output(input.0)].1;
+            let (grad_shape, grad) = &analytic[&autodiff::gradient_output(input.0)];
+            assert_eq!(grad_shape, &input.1.to_vec(), "{}: d/d{} has the wrong shape", case.name, input.0);
             let u = values(1000 + c as u64 * 10 + i as u64, grad.len(), ANY);
             let dot: f64 = grad.iter().zip(&u).map(|(g, u)| (g * u) as f64).sum();
             let scale: f64 = grad.iter().zip(&u).map(|(g, u)| (g * u).abs() as f64).sum();
@@ -238,6 +239,46 @@ fn every_rule_matches_central_differences() {
                 case.name,
                 input.0
             );
+        }
+    }
+}
+
+/// A gate scales the gradient flowing through its tensor exactly once: with a gate of 0.5 on
+/// `t` (itself a requested gradient), dL/dt and dL/dx are half the ungated ones.
+#[test]
+fn a_gate_scales_the_gradient_once() {
+    runtime::ensure(true).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Graph::new("gate");
+    for name in ["x", "half"] {
+        g.proto.input.push(float_of_any_shape(name));
+    }
+    let t = g.op_named("Tanh", &["x"], "t", vec![]);
+    let y = g.op_named("Mul", &[&t, &t], "y", vec![]);
+    g.proto.output.push(float_of_any_shape(&y));
+    let forward = model(g);
+    let shapes: HashMap<String, Vec<i64>> =
+        [("x", vec![2, 3]), ("half", vec![1]), ("t", vec![2, 3]), ("y", vec![2, 3])]
+            .map(|(n, s)| (n.to_string(), s))
+            .into();
+    let wrt = ["x".to_string(), "t".to_string()];
+    let feeds = vec![
+        ("x".to_string(), vec![2, 3], values(3, 6, ANY)),
+        ("half".to_string(), vec![1], vec![0.5]),
+        (autodiff::seed_input("y"), vec![2, 3], values(4, 6, ANY)),
+    ];
+    let gradients = |gates: HashMap<String, String>| {
+        let mut backward = forward.clone();
+        autodiff::append_backward(&mut backward, "y", &wrt, &shapes, &gates).unwrap();
+        let mut session = runtime::session_from_proto(&backward, dir.path(), Device::Cpu).unwrap();
+        let out = run(&mut session, &feeds);
+        wrt.iter().map(|x| out[&autodiff::gradient_output(x)].1.clone()).collect::<Vec<_>>()
+    };
+    let plain = gradients(HashMap::new());
+    let gated = gradients([("t".to_string(), "half".to_string())].into());
+    for (p, g) in plain.iter().zip(&gated) {
+        for (a, b) in p.iter().zip(g) {
+            assert!((0.5 * a - b).abs() < 1e-6, "{a} gated to {b}");
         }
     }
 }

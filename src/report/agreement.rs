@@ -63,8 +63,8 @@ pub fn agreements(plan: &Plan, rows: &[Row]) -> Vec<Agreement> {
                     .iter()
                     .zip(&ex_rows)
                     .map(|(e, x)| {
-                        let exact = x.cells[m].value?;
-                        Some((if unsigned { exact.abs() } else { exact }, e.cells[m].estimate?))
+                        let exact = if unsigned { exact_size(x, m)? } else { x.cells[m].value? };
+                        Some((exact, e.cells[m].estimate?))
                     })
                     .collect();
                 let Some(pairs) = pairs else { continue };
@@ -73,6 +73,18 @@ pub fn agreements(plan: &Plan, rows: &[Row]) -> Vec<Agreement> {
         }
     }
     out
+}
+
+/// The size of an exact row's effect on metric `m` as AtP* scores it: the mean over prompts of
+/// |per-prompt value| (|value| where the row has no per-prompt values).
+pub fn exact_size(row: &Row, m: usize) -> Option<f64> {
+    match row.per_prompt.get(m).filter(|p| !p.is_empty()) {
+        Some(per_prompt) => {
+            let sizes: Option<Vec<f64>> = per_prompt.iter().map(|p| p.0.map(f64::abs)).collect();
+            sizes.map(|s| s.iter().sum::<f64>() / s.len() as f64)
+        }
+        None => row.cells[m].value.map(f64::abs),
+    }
 }
 
 fn agreement(

@@ -52,6 +52,9 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     let mut n_layers = 0;
     if methods(Method::AtpStar) {
         n_layers = model.droppable_layers().ok_or_else(|| anyhow!("AtP* needs a session with GradDrop gates"))?;
+        if n_layers < 2 {
+            bail!("AtP*'s GradDrop averages over the layers other than a component's own: a one-layer model has none; use `by attribution`");
+        }
         drops.extend((0..n_layers).map(Some));
     }
     let mut jobs: Vec<(usize, usize, usize, usize)> = vec![];
@@ -77,9 +80,11 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
                 out.push(base_values.clone());
                 continue;
             }
-            let star = run.method == Method::AtpStar;
-            let patterns = if star { qk.pattern_changes(&pass, base_acts)? } else { vec![] };
-            let linearised = if star { qk.linearised(&pass) } else { pass.patches.iter().collect() };
+            let (patterns, fixed) = match run.method {
+                Method::AtpStar => qk.pattern_changes(&pass, base_acts)?,
+                _ => (vec![], vec![]),
+            };
+            let linearised: Vec<&HookPatch> = pass.patches.iter().filter(|p| !fixed.contains(&p.hook)).collect();
             let change = |d: usize, m: usize| {
                 let gradient = &gradients[m][d];
                 let through_patterns: f64 = patterns
@@ -182,6 +187,9 @@ fn first_order_change(patches: &[&HookPatch], base_acts: &[Tensor], gradient: &[
         .sum()
 }
 
+/// A pattern hook and the change of its values.
+type PatternChange = (usize, Vec<f32>);
+
 /// AtP*'s QK fix: per layer whose queries or keys a pass patches, the attention pattern
 /// recomputed from the patched queries and keys, minus the base run's (both by
 /// [`attention::pattern`], so unchanged rows differ by exactly 0). The gradient is then taken
@@ -210,18 +218,10 @@ impl QkFix {
         QkFix { layers, unfixable, config }
     }
 
-    fn fixes(&self, hook: usize) -> bool {
-        self.layers.iter().any(|(_, [q, k, _])| *q == hook || *k == hook)
-    }
-
-    /// The pass's patches that the QK fix does not handle.
-    fn linearised<'p>(&self, pass: &'p Pass) -> Vec<&'p HookPatch> {
-        pass.patches.iter().filter(|p| !self.fixes(p.hook)).collect()
-    }
-
     /// (pattern hook, exact change of its values) for every layer whose queries or keys `pass`
-    /// patches.
-    fn pattern_changes(&self, pass: &Pass, base_acts: &[Tensor]) -> Result<Vec<(usize, Vec<f32>)>> {
+    /// patches, and the patched hooks those changes account for: the layer's queries and keys,
+    /// and its pattern when the pass patches that too (its patch then applies on top).
+    fn pattern_changes(&self, pass: &Pass, base_acts: &[Tensor]) -> Result<(Vec<PatternChange>, Vec<usize>)> {
         let patched = |hook: usize| -> Option<Vec<f32>> {
             let patch = pass.patches.iter().find(|p| p.hook == hook)?;
             let mut values = base_acts[hook].data.clone();
@@ -235,7 +235,7 @@ impl QkFix {
         if let Some(patch) = pass.patches.iter().find(|p| self.unfixable.contains(&p.hook)) {
             bail!("AtP*'s QK fix needs hook {}'s layer's queries, keys and pattern captured", patch.hook);
         }
-        let mut changes = vec![];
+        let (mut changes, mut fixed) = (vec![], vec![]);
         for &(layer, [q, k, pattern]) in &self.layers {
             let (new_q, new_k) = (patched(q), patched(k));
             if new_q.is_none() && new_k.is_none() {
@@ -250,13 +250,21 @@ impl QkFix {
                     "AtP*'s QK fix recomputes attention patterns the way patchbay's imported models compute them, but this model's layer {layer} pattern differs by {off:.1e}; estimate query and key patches `by attribution` instead"
                 );
             }
-            let after = attention::pattern(
+            let mut after = attention::pattern(
                 &self.config,
                 new_q.as_deref().unwrap_or(base_q),
                 new_k.as_deref().unwrap_or(base_k),
             )?;
+            if let Some(patch) = pass.patches.iter().find(|p| p.hook == pattern) {
+                for ((a, &on), &value) in after.iter_mut().zip(&patch.mask).zip(&patch.value) {
+                    if on {
+                        *a = value;
+                    }
+                }
+            }
             changes.push((pattern, after.iter().zip(&before).map(|(a, b)| a - b).collect()));
+            fixed.extend([q, k, pattern]);
         }
-        Ok(changes)
+        Ok((changes, fixed))
     }
 }

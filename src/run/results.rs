@@ -117,6 +117,29 @@ fn cells(
     )
 }
 
+/// Run `r`'s estimate of metric `m`, as `value` is declared; an AtP* score as a size, the mean
+/// over prompts of its per-prompt value's magnitude.
+fn estimate(
+    metric: &PlanMetric,
+    direction: Direction,
+    values: &VariantValues,
+    m: usize,
+    r: usize,
+    method: Method,
+) -> Option<f64> {
+    let (c, per_prompt) = cells(metric, direction, values, m, &values.estimates[r].as_ref()?[m]);
+    match method {
+        Method::AtpStar => size(&per_prompt),
+        _ => c.value,
+    }
+}
+
+/// The mean over prompts of |value|; `None` where a prompt has no value.
+fn size(per_prompt: &[PromptCells]) -> Option<f64> {
+    let sizes: Option<Vec<f64>> = per_prompt.iter().map(|p| p.0.map(f64::abs)).collect();
+    sizes.map(|s| mean(&s))
+}
+
 /// The rows of one variant, in plan order; summation-baseline rows follow their window row.
 pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
     let variant = &plan.variants[v];
@@ -130,12 +153,13 @@ pub fn rows(plan: &Plan, v: usize, values: &VariantValues) -> Vec<Row> {
         for (m, metric) in plan.metrics.iter().enumerate() {
             let (mut c, mut pp) = cells(metric, variant.direction, values, m, &values.patched[r][m]);
             if !values.exact[r] && run.method == Method::AtpStar {
-                // A score is the size of the change: base + score is no metric of a patched run.
-                c.patched = None;
-                pp.iter_mut().for_each(|p| p.2 = None);
+                // A score is the size of the change: base + score is no metric of a patched run,
+                // and a normaliser's sign must not turn a size negative.
+                pp.iter_mut().for_each(|p| *p = (p.0.map(f64::abs), p.1, None));
+                let sizes: Option<Vec<f64>> = pp.iter().map(|p| p.0).collect();
+                (c.value, c.sem, c.patched) = (size(&pp), sizes.and_then(|s| sem(&s)), None);
             }
-            c.estimate =
-                values.estimates[r].as_ref().and_then(|e| cells(metric, variant.direction, values, m, &e[m]).0.value);
+            c.estimate = estimate(metric, variant.direction, values, m, r, run.method);
             cells_all.push(c);
             per_prompt.push(pp);
         }
@@ -190,12 +214,8 @@ fn summation_row(plan: &Plan, v: usize, values: &VariantValues, window_run: &Pat
         let parts: Vec<Cells> =
             singles.iter().map(|&r| cells(metric, variant.direction, values, m, &values.patched[r][m]).0).collect();
         let value = parts.iter().map(|c| c.value).sum::<Option<f64>>();
-        let estimate = singles
-            .iter()
-            .map(|&r| {
-                values.estimates[r].as_ref().and_then(|e| cells(metric, variant.direction, values, m, &e[m]).0.value)
-            })
-            .sum::<Option<f64>>();
+        let estimate =
+            singles.iter().map(|&r| estimate(metric, variant.direction, values, m, r, window_run.method)).sum();
         cells_all.push(Cells {
             value,
             effect: parts.iter().map(|c| c.effect).sum(),
