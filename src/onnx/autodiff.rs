@@ -103,6 +103,53 @@ pub fn append_backward(
     Ok(())
 }
 
+/// Put the backward nodes (every node after the first `forward_nodes`) in the branch of an
+/// `If` on a new scalar bool input `run`, so that a run with `run` false computes the forward
+/// pass only (ONNX Runtime otherwise executes every node of a graph). The gradient outputs
+/// keep their names; without the backward pass they are empty.
+pub fn make_backward_optional(model: &mut ModelProto, forward_nodes: usize, run: &str) -> Result<()> {
+    use super::proto::{GraphProto, ValueInfoProto};
+    use super::writer::{attr_graph, value_info};
+    let graph = model.graph.as_mut().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
+    let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).filter(|o| o.starts_with("grad.")).collect();
+    let mut backward: Vec<NodeProto> = graph.node.split_off(forward_nodes);
+    let inner = |o: &str| format!("{o}.computed");
+    for node in &mut backward {
+        for o in node.output.iter_mut().filter(|o| outputs.contains(o)) {
+            *o = inner(o);
+        }
+    }
+    let empty = "grad.none";
+    graph.initializer.push(TensorProto {
+        dims: vec![0],
+        data_type: data_type::FLOAT,
+        name: empty.into(),
+        ..Default::default()
+    });
+    let branch = |name: &str, node: Vec<NodeProto>, output: Vec<ValueInfoProto>| GraphProto {
+        name: name.into(),
+        node,
+        output,
+        ..Default::default()
+    };
+    let computed = branch("backward", backward, outputs.iter().map(|o| float_of_any_shape(&inner(o))).collect());
+    let skipped = branch(
+        "no_backward",
+        outputs.iter().map(|o| node_proto("Identity", &[empty], &format!("{o}.skipped"), vec![])).collect(),
+        outputs.iter().map(|o| float_of_any_shape(&format!("{o}.skipped"))).collect(),
+    );
+    graph.input.push(value_info(run, data_type::BOOL, &[]));
+    graph.node.push(NodeProto {
+        input: vec![run.into()],
+        output: outputs,
+        name: "patchbay:backward".into(),
+        op_type: "If".into(),
+        attribute: vec![attr_graph("then_branch", computed), attr_graph("else_branch", skipped)],
+        ..Default::default()
+    });
+    Ok(())
+}
+
 struct Backward<'s> {
     nodes: Vec<NodeProto>,
     initializers: Vec<TensorProto>,

@@ -74,6 +74,7 @@ pub mod attribute_type {
     pub const INT: i32 = 2;
     pub const STRING: i32 = 3;
     pub const INTS: i32 = 7;
+    pub const GRAPH: i32 = 5;
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -92,6 +93,8 @@ pub struct AttributeProto {
     pub floats: Vec<f32>,
     #[prost(int64, repeated, tag = "8")]
     pub ints: Vec<i64>,
+    #[prost(message, optional, boxed, tag = "6")]
+    pub g: Option<Box<GraphProto>>,
 }
 
 /// `TensorProto.DataType` values used here.

@@ -76,6 +76,10 @@ pub fn attr_string(name: &str, value: &str) -> AttributeProto {
     }
 }
 
+pub fn attr_graph(name: &str, graph: GraphProto) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: attribute_type::GRAPH, g: Some(Box::new(graph)), ..Default::default() }
+}
+
 pub fn attr_float(name: &str, value: f32) -> AttributeProto {
     AttributeProto { name: name.into(), r#type: attribute_type::FLOAT, f: value, ..Default::default() }
 }

@@ -4,7 +4,8 @@
 //!
 //! The backward pass starts from dM/d(logits), which the caller computes from the run's own
 //! logits (see [`metric_gradient`]): a run is one forward pass to read the logits (the cached
-//! base run's), then one forward and backward pass.
+//! base run's, which skips the backward nodes: they sit in an `If` branch), then one forward
+//! and backward pass.
 
 use std::collections::{HashMap, HashSet};
 
@@ -73,7 +74,9 @@ impl Gradients {
         let patchable: Vec<(String, Vec<Dim>)> = patchable.iter().map(shape_of).collect::<Result<_>>()?;
         let shapes = probe_shapes(&model, dir, &patchable, device)?;
         let gates = if graddrop { add_layer_gates(&mut model, manifest, patchable_names)? } else { HashMap::new() };
+        let forward_nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
         autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes, &gates)?;
+        autodiff::make_backward_optional(&mut model, forward_nodes, RUN_BACKWARD_INPUT)?;
         Ok(Gradients {
             session: runtime::session_from_proto(&model, &dir.path, device)?,
             patchable,
@@ -111,6 +114,8 @@ impl Gradients {
         }
         let seed = OrtTensor::from_array((vec![batch.batch as i64, 1, self.vocab as i64], seed))?.into_dyn();
         inputs.push((autodiff::seed_input(graph::LAST_LOGITS), seed));
+        let backward = OrtTensor::from_array((Vec::<i64>::new(), vec![seeds.is_some()]))?.into_dyn();
+        inputs.push((RUN_BACKWARD_INPUT.to_string(), backward));
         let dropped = |p: usize| seeds.and_then(|s| s[p].dropped_layer);
         match self.droppable_layers {
             Some(layers) => {
@@ -125,8 +130,6 @@ impl Gradients {
             }
             None => {}
         }
-        // Without seeds the backward pass still runs (ONNX Runtime computes the whole graph),
-        // from zeros; its outputs are not read.
         let result = self.session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed: {e}"))?;
         let extract = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
             let value = result.get(name).ok_or_else(|| anyhow!("the graph has no output `{name}`"))?;
@@ -151,6 +154,9 @@ impl Gradients {
         Ok(runs)
     }
 }
+
+/// The scalar bool input saying whether a run computes the backward pass at all.
+const RUN_BACKWARD_INPUT: &str = "backward.run";
 
 /// The `[batch, layers]` input saying, per pass, which layers' residual writes the gradient
 /// flows back through (1) or not (0).
