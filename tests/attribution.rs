@@ -285,38 +285,12 @@ fn atp_star_matches_an_independent_graddrop_computation() {
     let (n_layers, n_heads) = (dir.manifest.config.n_layers, dir.manifest.config.n_heads);
     let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
     let mut grads = Gradients::new(&dir, &[], &hooks, true, Device::Cpu).unwrap();
-    let vocab = dir.manifest.config.vocab_size;
     let mut checked = 0;
     for (v, variant) in outcome.plan.variants.iter().enumerate() {
-        let denoise = variant.direction.name() == "denoise";
-        let ids_of = |clean: bool| -> Vec<Vec<u32>> {
-            variant
-                .prompts
-                .iter()
-                .map(|p| match (clean, &p.corrupted) {
-                    (true, _) => p.clean_ids.clone(),
-                    (false, patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. }) => ids.clone(),
-                    (false, other) => panic!("{other:?}"),
-                })
-                .collect()
-        };
-        let (base_ids, source_ids) = (ids_of(!denoise), ids_of(denoise));
-        let mut runs_of = |ids: &[Vec<u32>], dropped: Option<usize>| {
-            let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-            let seeds: Vec<Seed> = variant
-                .prompts
-                .iter()
-                .map(|p| {
-                    let mut d_logits = vec![0f32; vocab];
-                    d_logits[p.answer.ids()[0] as usize] += 1.0;
-                    d_logits[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
-                    Seed { d_logits, dropped_layer: dropped }
-                })
-                .collect();
-            grads.run(&passes, Some(&seeds)).unwrap()
-        };
-        let source = runs_of(&source_ids, None);
-        let by_layer: Vec<_> = (0..n_layers).map(|l| runs_of(&base_ids, Some(l))).collect();
+        let (base_ids, source_ids) = base_and_source_ids(variant);
+        let source = logit_diff_runs(&mut grads, variant, &source_ids, None);
+        let by_layer: Vec<_> =
+            (0..n_layers).map(|l| logit_diff_runs(&mut grads, variant, &base_ids, Some(l))).collect();
         for row in outcome.rows.iter().filter(|r| r.variant == v && r.target == "star") {
             let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
             let mut score = 0.0;
@@ -384,41 +358,14 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
         let outcome = patchbay::report::run_and_write(&exp, &Default::default()).unwrap().outcome;
         let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
         let config = &dir.manifest.config;
-        let (n_layers, vocab) = (config.n_layers, config.vocab_size);
+        let n_layers = config.n_layers;
         let patterns: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_pattern")).collect();
         let mut grads = Gradients::new(&dir, &[], &patterns, true, Device::Cpu).unwrap();
         let (mut checked, mut largest_fix) = (0, 0.0f64);
         for (v, variant) in outcome.plan.variants.iter().enumerate() {
-            let denoise = variant.direction.name() == "denoise";
-            let ids_of = |clean: bool| -> Vec<Vec<u32>> {
-                variant
-                    .prompts
-                    .iter()
-                    .map(|p| match (clean, &p.corrupted) {
-                        (true, _) => p.clean_ids.clone(),
-                        (false, patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. }) => ids.clone(),
-                        (false, other) => panic!("{other:?}"),
-                    })
-                    .collect()
-            };
-            let (base_ids, source_ids) = (ids_of(!denoise), ids_of(denoise));
-            let by_layer: Vec<Vec<patchbay::run::attribution::Run>> = (0..n_layers)
-                .map(|dropped| {
-                    let passes: Vec<Pass> =
-                        base_ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
-                    let seeds: Vec<Seed> = variant
-                        .prompts
-                        .iter()
-                        .map(|p| {
-                            let mut d_logits = vec![0f32; vocab];
-                            d_logits[p.answer.ids()[0] as usize] += 1.0;
-                            d_logits[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
-                            Seed { d_logits, dropped_layer: Some(dropped) }
-                        })
-                        .collect();
-                    grads.run(&passes, Some(&seeds)).unwrap()
-                })
-                .collect();
+            let (base_ids, source_ids) = base_and_source_ids(variant);
+            let by_layer: Vec<Vec<patchbay::run::attribution::Run>> =
+                (0..n_layers).map(|l| logit_diff_runs(&mut grads, variant, &base_ids, Some(l))).collect();
             for row in outcome.rows.iter().filter(|r| r.variant == v) {
                 let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
                 let hook = format!("blocks.{layer}.attn.{}", if row.target == "q" { "hook_q" } else { "hook_k" });
@@ -524,6 +471,46 @@ fn estimates_do_not_depend_on_batching() {
         }
     }
     assert!(compared > 100);
+}
+
+/// A variant's base and source token ids: the corrupted and clean prompts when denoising, the
+/// reverse when noising (token corruptions only).
+fn base_and_source_ids(variant: &patchbay::ir::plan::Variant) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let ids_of = |clean: bool| -> Vec<Vec<u32>> {
+        variant
+            .prompts
+            .iter()
+            .map(|p| match (clean, &p.corrupted) {
+                (true, _) => p.clean_ids.clone(),
+                (false, patchbay::ir::experiment::CorruptedPrompt::Tokens { ids, .. }) => ids.clone(),
+                (false, other) => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let denoise = variant.direction.name() == "denoise";
+    (ids_of(!denoise), ids_of(denoise))
+}
+
+/// One backward pass per prompt of `variant` (token ids `ids`) from the logit difference's
+/// gradient, with layer `dropped` dropped.
+fn logit_diff_runs(
+    grads: &mut Gradients,
+    variant: &patchbay::ir::plan::Variant,
+    ids: &[Vec<u32>],
+    dropped: Option<usize>,
+) -> Vec<patchbay::run::attribution::Run> {
+    let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+    let seeds: Vec<Seed> = variant
+        .prompts
+        .iter()
+        .map(|p| {
+            let mut d_logits = vec![0f32; grads.vocab()];
+            d_logits[p.answer.ids()[0] as usize] += 1.0;
+            d_logits[p.wrong.as_ref().unwrap().ids()[0] as usize] -= 1.0;
+            Seed { d_logits, dropped_layer: dropped }
+        })
+        .collect();
+    grads.run(&passes, Some(&seeds)).unwrap()
 }
 
 fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {
