@@ -99,11 +99,11 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
                 (0..n_metrics)
                     .map(|m| match run.method {
                         Method::AtpStar => {
-                            // GradDrop: the mean |estimate| over the dropped layers, over L - 1
-                            // since a component's own layer drops all of its effect. Unsigned:
-                            // the size of the change.
+                            // GradDrop: the sum of |estimate| over the dropped layers, over L - 1
+                            // (a component inside a layer loses all of its effect when its own
+                            // layer is dropped). Unsigned: the size of the change.
                             let size: f64 = dropped.iter().map(|&d| change(d, m).abs()).sum();
-                            base_values[m] + size / (n_layers.max(2) - 1) as f64
+                            base_values[m] + size / (n_layers - 1) as f64
                         }
                         _ => base_values[m] + change(plain.expect("AtP runs have the plain gradient"), m),
                     })
@@ -139,6 +139,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
         for (&(p, s, m, d), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
             let gradients = pending.entry((p, s)).or_insert_with(|| vec![vec![vec![]; drops.len()]; n_metrics]);
             gradients[m][d] = run.gradients;
+            // Jobs run in (prompt, sample, metric, drop) order: this is the base run's last.
             if m + 1 == n_metrics && d + 1 == drops.len() {
                 let gradients = pending.remove(&(p, s)).expect("inserted above");
                 for (r, values) in estimate(p, s, &gradients)?.into_iter().enumerate() {
