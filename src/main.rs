@@ -161,10 +161,16 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(checked(&file, device).map(|exp| print!("{}", patchbay::plan::plan(&exp))).is_some())
         }
         Command::Run { files, device, memory, reference } => {
+            if !(memory.is_finite() && memory > 0.0) {
+                patchbay::bail_fixable!(
+                    "--memory {memory}: the memory budget of one ONNX Runtime call must be a positive number of GiB";
+                    help: "leave it out for the default of 1 GiB, or give e.g. `--memory 0.5`"
+                );
+            }
             on_interrupt_say_how_to_resume();
             let options = patchbay::run::RunOptions {
                 executor: if reference { patchbay::run::Executor::Reference } else { patchbay::run::Executor::Fast },
-                memory_bytes: (memory.max(0.01) * (1u64 << 30) as f64) as u64,
+                memory_bytes: (memory * (1u64 << 30) as f64) as u64,
                 quiet: cli.quiet,
             };
             run_files(&files, device, &options)

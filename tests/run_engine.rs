@@ -425,6 +425,25 @@ sweep { direction: [denoise, noise] }
     }
 }
 
+/// A memory budget that is not a positive number is refused before any compute, naming it.
+#[test]
+fn a_memory_budget_that_is_not_positive_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = "corruption s2_io = replace S2 with IO\npatch heads = attn.hook_z layers all heads all\nmetric ld = logit_diff\noutput \"out/r.csv\"\n";
+    let file = setup(tmp.path(), Architecture::Llama, body);
+    for memory in ["0", "-1", "nan"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_patchbay"))
+            .args(["run", "--quiet", &format!("--memory={memory}")])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--memory {memory}: {stderr}");
+        assert!(stderr.contains("positive number of GiB"), "--memory {memory}: {stderr}");
+        assert!(!tmp.path().join("out").exists(), "--memory {memory} wrote something");
+    }
+}
+
 /// kill -9 in the middle of a run leaves no partial CSV; the same command resumes from the
 /// checkpointed batches and writes byte-identical results.
 #[test]

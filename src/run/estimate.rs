@@ -119,19 +119,26 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     // with the prompts times the dropped layers.
     let mut pending: std::collections::HashMap<(usize, usize), Vec<Vec<Vec<Tensor>>>> = Default::default();
     let mut work = Work::default();
+    // dM/d(logits) of the last (prompt, sample, metric): the same for each of its dropped layers.
+    let mut last_seed: Option<((usize, usize, usize), Vec<f32>)> = None;
     for chunk in jobs.chunks(rows.max(1)) {
         let mut passes = vec![];
         let mut seeds = vec![];
         for &(p, s, m, d) in chunk {
             let (base, ..) = setup.base_and_source(&runs, p, s);
-            let logits = base_logits(&runs, setup, p, s).full().expect("the gradient session unembeds the vocabulary");
-            let prompt = &setup.variant.prompts[p];
-            let readout = Readout {
-                answer: prompt.answer.ids(),
-                wrong: prompt.wrong.as_ref().map(|w| w.ids()),
-                clean_log_probs: &runs.clean_lp[p],
-            };
-            let d_logits = metric_gradient(setup.metrics[m].kind, logits, &readout).iter().map(|&x| x as f32).collect();
+            if last_seed.as_ref().is_none_or(|(key, _)| *key != (p, s, m)) {
+                let logits =
+                    base_logits(&runs, setup, p, s).full().expect("the gradient session unembeds the vocabulary");
+                let prompt = &setup.variant.prompts[p];
+                let readout = Readout {
+                    answer: prompt.answer.ids(),
+                    wrong: prompt.wrong.as_ref().map(|w| w.ids()),
+                    clean_log_probs: &runs.clean_lp[p],
+                };
+                let d_logits = metric_gradient(setup.metrics[m].kind, logits, &readout);
+                last_seed = Some(((p, s, m), d_logits.iter().map(|&x| x as f32).collect()));
+            }
+            let d_logits = last_seed.as_ref().expect("set above").1.clone();
             seeds.push(Seed { d_logits, dropped_layer: drops[d] });
             work.backward_passes += 1;
             passes.push(base);
