@@ -7,7 +7,7 @@
 //! IRs between them live in [`ir`]. Below them: [`model`] (the model-directory contract and a
 //! pure-Rust reference forward pass), [`onnx`] (graph building and surgery), [`runtime`] (ONNX
 //! Runtime), [`import`] (checkpoints -> model directory), and the leaves [`diag`], [`error`],
-//! [`cache`]. `tests/layering.rs` holds the order.
+//! [`cache`], [`files`]. `tests/layering.rs` holds the order.
 
 pub mod cache;
 pub mod check;
@@ -15,6 +15,7 @@ pub mod demo;
 pub mod diag;
 pub mod error;
 pub mod fetch;
+pub mod files;
 pub mod import;
 pub mod ir;
 pub mod model;

@@ -79,7 +79,13 @@ enum Command {
         /// Use the reference executor (one plain forward pass per component and prompt; slow).
         #[arg(long)]
         reference: bool,
+        /// Compute only shard K of N (1-based) of the patched passes into the run folder; a run
+        /// without --shard merges the shards once all are done.
+        #[arg(long, value_name = "K/N")]
+        shard: Option<patchbay::run::shard::Shard>,
     },
+    /// Show a run folder's progress (`<output>.run`, or the output CSV): per shard, and an ETA.
+    Status { folder: PathBuf },
     /// Render a result CSV (and the provenance sidecar beside it) as a self-contained HTML page.
     Report {
         /// The `output` CSV of `patchbay run`.
@@ -160,7 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Plan { file, device } => {
             Ok(checked(&file, device).map(|exp| print!("{}", patchbay::plan::plan(&exp))).is_some())
         }
-        Command::Run { files, device, memory, reference } => {
+        Command::Run { files, device, memory, reference, shard } => {
             if !(memory.is_finite() && memory > 0.0) {
                 patchbay::bail_fixable!(
                     "--memory {memory}: the memory budget of one ONNX Runtime call must be a positive number of GiB";
@@ -172,8 +178,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 executor: if reference { patchbay::run::Executor::Reference } else { patchbay::run::Executor::Fast },
                 memory_bytes: (memory * (1u64 << 30) as f64) as u64,
                 quiet: cli.quiet,
+                shard,
             };
             run_files(&files, device, &options)
+        }
+        Command::Status { folder } => {
+            print!("{}", patchbay::run::shard::status(&folder)?);
+            Ok(true)
         }
         Command::Report { results, out, markdown, force } => {
             let kind = if markdown { page::Kind::Markdown } else { page::Kind::Html };
@@ -211,6 +222,16 @@ fn run_files(files: &[PathBuf], device: Option<Device>, options: &patchbay::run:
             anyhow::bail!("{} does not check; nothing was run", file.display());
         };
         let report = patchbay::report::run_and_write(&exp, options)?;
+        if let Some(shard) = report.outcome.shard {
+            println!(
+                "{}: shard {shard} done in {:.1} s ({} patched passes computed); merge with `patchbay run {}` once every shard is done",
+                file.display(),
+                report.outcome.seconds,
+                report.outcome.work.passes - report.outcome.work.restored_passes,
+                file.display()
+            );
+            continue;
+        }
         print!("{}", patchbay::report::summary::summary(&report.outcome, &report.written));
         all_hold &= report.outcome.verdicts.iter().all(|v| v.holds);
     }

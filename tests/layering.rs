@@ -12,6 +12,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("diag", &[]),
     ("error", &[]),
     ("cache", &[]),
+    ("files", &[]),
     ("fetch", &["cache", "error"]),
     ("model", &["error"]),
     ("onnx", &["model", "error"]),
@@ -24,8 +25,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("ir", &["diag", "model", "runtime"]),
     ("check", &["syntax", "ir", "diag", "model", "cache", "error"]),
     ("plan", &["ir", "diag", "model"]),
-    ("run", &["plan", "ir", "diag", "model", "onnx", "runtime", "error"]),
-    ("report", &["run", "plan", "ir", "model", "runtime", "error"]),
+    ("run", &["plan", "ir", "diag", "model", "onnx", "runtime", "files", "error"]),
+    ("report", &["run", "plan", "ir", "model", "runtime", "files", "error"]),
 ];
 
 /// Macros exported at the crate root, by the module that defines them.

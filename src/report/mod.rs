@@ -9,11 +9,11 @@ pub mod page;
 pub mod provenance;
 pub mod summary;
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
+use crate::files;
 use crate::ir::experiment::Experiment;
 use crate::run::{self, Outcome, RunOptions};
 
@@ -32,7 +32,11 @@ pub fn run_and_write(exp: &Experiment, opts: &RunOptions) -> Result<Report> {
         page::ensure_replaceable(path, false)?;
     }
     let mut outcome = run::run(exp, opts)?;
-    let written = write(exp, &outcome)?;
+    // A shard's part is in the run folder; the merge writes the outputs.
+    let written = match opts.shard {
+        None => write(exp, &outcome)?,
+        Some(_) => vec![],
+    };
     outcome.complete()?;
     Ok(Report { outcome, written })
 }
@@ -43,13 +47,13 @@ fn write(exp: &Experiment, outcome: &Outcome) -> Result<Vec<PathBuf>> {
     let table = csv::csv(&outcome.plan, &outcome.rows)?;
     let sidecar_bytes = provenance::provenance(exp, outcome)?;
     if let (Some(path), Some(sidecar)) = (&exp.outputs.csv, exp.outputs.provenance()) {
-        write_atomic(path, &table)?;
+        files::write_atomic(path, &table)?;
         written.push(path.clone());
-        write_atomic(&sidecar, &sidecar_bytes)?;
+        files::write_atomic(&sidecar, &sidecar_bytes)?;
         written.push(sidecar);
     }
     if let Some(path) = &exp.outputs.per_prompt {
-        write_atomic(path, &csv::per_prompt_csv(&outcome.plan, &outcome.rows)?)?;
+        files::write_atomic(path, &csv::per_prompt_csv(&outcome.plan, &outcome.rows)?)?;
         written.push(path.clone());
     }
     if let Some(path) = &exp.outputs.report {
@@ -60,20 +64,4 @@ fn write(exp: &Experiment, outcome: &Outcome) -> Result<Vec<PathBuf>> {
         written.push(path.clone());
     }
     Ok(written)
-}
-
-/// Write `bytes` to `path` atomically (temporary file in the same folder, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
-    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-        let _ = std::fs::remove_file(&tmp);
-        bail!("cannot write {}: {e}", path.display());
-    }
-    Ok(())
 }

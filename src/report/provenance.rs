@@ -67,6 +67,7 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             "patched_runs_planned": plan.counts.patched_runs,
             "estimated_runs_planned": plan.counts.estimated_runs,
             "patched_passes_run": passes,
+            "patched_passes_restored": outcome.work.restored_passes,
             "backward_passes_run": outcome.work.backward_passes,
         },
         // Not part of the results: reruns differ only here.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
+use crate::bail_fixable;
 use crate::ir::experiment::{CorruptedPrompt, Direction};
 use crate::model::checkpoint::Tensor;
 use crate::model::EMBED_HOOK;
@@ -114,14 +115,15 @@ pub(crate) fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -
 }
 
 /// The fast executor: cached clean/corrupted runs, batched patched runs, no-ops skipped.
-/// `log`: where completed batches are checkpointed, and earlier runs' batches read back.
+/// `log`: where completed batches are checkpointed, and earlier runs' batches read back; for a
+/// shard, which batches are its own.
 pub fn fast(
     setup: &Setup,
     model: &mut Segments,
     rows: usize,
     mut log: Option<&mut VariantLog>,
     progress: &dyn Fn(u64),
-) -> Result<VariantValues> {
+) -> Result<Fast> {
     model.release_bases();
     let mut runs = cached_runs(setup, model, rows)?;
     // Patched passes read the base runs' residual streams, keys and values from the cache.
@@ -160,38 +162,72 @@ pub fn fast(
     let n_layers = model.len() - 2;
     let mut work = Work::default();
     // Batches are numbered in this fixed order, the key of their checkpoints.
-    for (number, chunk) in items.chunks(rows.max(1)).enumerate() {
-        let number = number as u64;
+    let chunks: Vec<&[Item]> = items.chunks(rows.max(1)).collect();
+    // A pass costs about its layers times the positions it computes.
+    let layers_of = |item: &Item| n_layers - item.start.saturating_sub(1);
+    let costs: Vec<u64> = chunks.iter().map(|c| c.iter().map(|i| (layers_of(i) * i.span) as u64).sum()).collect();
+    let mine = match log.as_mut() {
+        Some(log) => log.mine(&costs)?,
+        None => vec![true; chunks.len()],
+    };
+    for (number, chunk) in chunks.iter().enumerate() {
+        let (batch, cost) = (number as u64, costs[number]);
+        if !mine[number] {
+            continue;
+        }
         // A checkpoint counts only if it holds exactly this batch's passes (a batch's passes
         // depend on bit-exact comparisons of activations, which another machine may not repeat).
-        let restored = log.as_mut().and_then(|l| l.completed(number)).filter(|entries| {
+        let restored = log.as_mut().and_then(|l| l.completed(batch)).filter(|entries| {
             entries.len() == chunk.len()
-                && entries.iter().zip(chunk).all(|(e, i)| (e.0, e.1, e.2) == (i.run, i.prompt, i.sample))
+                && entries.iter().zip(chunk.iter()).all(|(e, i)| (e.0, e.1, e.2) == (i.run, i.prompt, i.sample))
         });
         if let Some(entries) = restored {
+            if let Some(log) = log.as_mut() {
+                log.record(batch, cost, &[], true)?;
+            }
             for (r, p, s, values) in entries {
                 patched[r][p][s] = values;
+            }
+            // The work behind the results, wherever it was done.
+            for item in chunk.iter() {
+                work += Work::restored(layers_of(item) * item.span, chunk.len());
             }
             progress(chunk.len() as u64);
             continue;
         }
-        let batch: Vec<segments::Row> = chunk.iter().map(|item| patched_row(setup, &runs, item)).collect();
+        if log.as_ref().is_some_and(|l| l.merging()) {
+            bail_fixable!(
+                "no shard's log holds batch {batch} of variant `{}` as this machine forms it: the shards ran a different set of passes", setup.variant.label;
+                help: "run the shards and the merge with the same patchbay build on the same kind of machine (a batch's passes depend on bit-exact comparisons of activations); delete the run folder to start afresh"
+            );
+        }
+        let batch_rows: Vec<segments::Row> = chunk.iter().map(|item| patched_row(setup, &runs, item)).collect();
         let mut entries = Vec::with_capacity(chunk.len());
-        for (item, out) in chunk.iter().zip(model.run(&batch, false)?) {
+        for (item, out) in chunk.iter().zip(model.run(&batch_rows, false)?) {
             let values = setup.values(&out.logits, item.prompt, &runs.clean_lp[item.prompt]);
             patched[item.run][item.prompt][item.sample] = values.clone();
             entries.push((item.run, item.prompt, item.sample, values));
         }
         if let Some(log) = log.as_mut() {
-            log.record(number, &entries)?;
+            log.record(batch, cost, &entries, false)?;
         }
-        for item in chunk {
-            let layers = n_layers - item.start.saturating_sub(1);
-            work += Work::pass(layers * item.span, chunk.len());
+        for item in chunk.iter() {
+            work += Work::pass(layers_of(item) * item.span, chunk.len());
         }
         progress(chunk.len() as u64);
     }
-    Ok(setup.collect(&runs, &patched, work))
+    if mine.iter().any(|m| !m) {
+        // A shard's part: the other batches are other shards' (and the merge's) to collect.
+        return Ok(Fast::ShardPart(work));
+    }
+    Ok(Fast::Values(setup.collect(&runs, &patched, work)))
+}
+
+/// What the fast executor computed of a variant.
+pub enum Fast {
+    Values(VariantValues),
+    /// A shard's part, checkpointed in its log: the merge makes the values.
+    ShardPart(Work),
 }
 
 /// The segments' row of a queued pass: its patches from its start segment on, and the base

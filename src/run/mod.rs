@@ -17,6 +17,7 @@ pub mod readout;
 pub mod results;
 pub mod resume;
 pub mod segments;
+pub mod shard;
 pub mod suffix;
 
 use std::time::Instant;
@@ -60,11 +61,13 @@ pub struct RunOptions {
     /// Memory budget for one ONNX Runtime call, in bytes; decides how many passes are batched.
     pub memory_bytes: u64,
     pub quiet: bool,
+    /// Compute this shard's part of the patched passes into the run folder, nothing else.
+    pub shard: Option<shard::Shard>,
 }
 
 impl Default for RunOptions {
     fn default() -> RunOptions {
-        RunOptions { executor: Executor::Fast, memory_bytes: 1 << 30, quiet: true }
+        RunOptions { executor: Executor::Fast, memory_bytes: 1 << 30, quiet: true, shard: None }
     }
 }
 
@@ -94,15 +97,20 @@ pub struct Outcome {
     pub shortcuts: Vec<Option<Shortcuts>>,
     pub work: passes::Work,
     pub seconds: f64,
+    /// The shard this run computed (its rows are empty: the merge writes them).
+    pub shard: Option<shard::Shard>,
     lock: Option<lock::Lock>,
     run_folder: Option<resume::RunFolder>,
 }
 
 impl Outcome {
-    /// The outputs are written: drop the checkpoints and release the lock.
+    /// The outputs are written (or, for a shard, its batches are all checkpointed): drop the
+    /// checkpoints (mark the shard done) and release the lock.
     pub fn complete(&mut self) -> Result<()> {
-        if let Some(folder) = self.run_folder.take() {
-            folder.finish()?;
+        match (self.run_folder.take(), self.shard) {
+            (Some(folder), Some(_)) => folder.finish_shard()?,
+            (Some(folder), None) => folder.finish()?,
+            (None, _) => {}
         }
         drop(self.lock.take());
         Ok(())
@@ -120,12 +128,25 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
     for path in exp.outputs.files() {
         lock::check_output(&path)?;
     }
-    let lock = exp.outputs.csv.as_deref().map(lock::Lock::take).transpose()?;
+    if let Some(s) = opts.shard {
+        if exp.outputs.csv.is_none() || opts.executor != Executor::Fast {
+            bail_fixable!(
+                "--shard {s}: only a fast-path run with an `output` CSV can be sharded (its run folder, beside the output, collects the shards)";
+                help: "add `output \"results/name.csv\"` to the experiment, and leave out --reference"
+            );
+        }
+    }
+    // Shards run side by side (each under its own lock); the merge holds the output's.
+    let lock = match opts.shard {
+        None => exp.outputs.csv.as_deref().map(lock::Lock::take).transpose()?,
+        Some(_) => None,
+    };
     runtime::ensure(false)?;
     // Checkpoints of completed batches, for the fast path writing an output.
     let run_folder = match (&exp.outputs.csv, opts.executor) {
         (Some(csv), Executor::Fast) => {
-            let (folder, note) = resume::RunFolder::open(csv, &run_key(&plan, &dir, opts.memory_bytes, device)?)?;
+            let key = run_key(&plan, &dir, opts.memory_bytes, device)?;
+            let (folder, note) = resume::RunFolder::open(csv, &key, opts.shard)?;
             if let Some(note) = note {
                 eprintln!("note: {note}");
             }
@@ -220,8 +241,15 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let fits = rows_per_call(&dir, variant, opts.memory_bytes);
                 let rows_per_call = plan.batch_size.map_or(fits, |cap| fits.min(cap));
-                let mut log = run_folder.as_ref().map(|f| f.variant(v)).transpose()?;
-                execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))?
+                let mut log = run_folder.as_ref().map(|f| f.variant(v, plan.variants.len())).transpose()?;
+                match execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))? {
+                    execute::Fast::Values(values) => values,
+                    // A shard's part is in its log; the merge makes the rows.
+                    execute::Fast::ShardPart(part) => {
+                        work += part;
+                        continue;
+                    }
+                }
             }
             Model::Full(engine) => {
                 shortcuts.push(None);
@@ -240,10 +268,16 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         rows.extend(variant_rows);
     }
     progress.finish_and_clear();
-    let verdicts = expect::evaluate(&plan, &exp.expectations, &rows);
+    if opts.shard.is_some() {
+        rows.clear();
+    }
+    let verdicts = match opts.shard {
+        None => expect::evaluate(&plan, &exp.expectations, &rows),
+        Some(_) => vec![],
+    };
     let seconds = started.elapsed().as_secs_f64();
-
-    Ok(Outcome { plan, model: dir, rows, verdicts, tasks, shortcuts, work, seconds, lock, run_folder })
+    let shard = opts.shard;
+    Ok(Outcome { plan, model: dir, rows, verdicts, tasks, shortcuts, work, seconds, shard, lock, run_folder })
 }
 
 /// Every token whose logit a metric of `plan` reads, when the metrics read nothing else (logit

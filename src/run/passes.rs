@@ -74,12 +74,20 @@ pub struct Work {
     pub largest_call: u64,
     /// Forward and backward passes of attribution patching (one per base run and metric).
     pub backward_passes: u64,
+    /// Of `passes`, those read back from checkpoints (an interrupted run's, or shards') rather
+    /// than computed by this process.
+    pub restored_passes: u64,
 }
 
 impl Work {
     /// One pass of `layer_tokens`, run in a call of `call` passes.
     pub fn pass(layer_tokens: usize, call: usize) -> Work {
-        Work { passes: 1, layer_tokens: layer_tokens as u64, largest_call: call as u64, backward_passes: 0 }
+        Work { passes: 1, layer_tokens: layer_tokens as u64, largest_call: call as u64, ..Work::default() }
+    }
+
+    /// The same pass, read back from a checkpoint.
+    pub fn restored(layer_tokens: usize, call: usize) -> Work {
+        Work { restored_passes: 1, ..Work::pass(layer_tokens, call) }
     }
 }
 
@@ -89,6 +97,7 @@ impl std::ops::AddAssign for Work {
         self.layer_tokens += other.layer_tokens;
         self.largest_call = self.largest_call.max(other.largest_call);
         self.backward_passes += other.backward_passes;
+        self.restored_passes += other.restored_passes;
     }
 }
 

@@ -94,7 +94,7 @@ pub fn write(files: &[(PathBuf, Vec<u8>)], force: bool) -> Result<()> {
         ensure_replaceable(path, force)?;
     }
     for (path, bytes) in files {
-        super::write_atomic(path, bytes)?;
+        crate::files::write_atomic(path, bytes)?;
     }
     Ok(())
 }
