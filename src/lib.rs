@@ -3,7 +3,8 @@
 //! Stages, one module each, each depending only on those before it: [`syntax`] (pest grammar ->
 //! AST with spans), [`check`] (names, ranges and tokenisation resolved against the model; miette
 //! diagnostics), [`plan`] (datasets, sweeps and targets expanded into an execution plan),
-//! [`run`] (the plan executed through ONNX Runtime), [`report`] (CSVs, provenance, summary). The
+//! [`run`] (the plan executed through ONNX Runtime), [`report`] (CSVs, provenance, summary), and
+//! [`cluster`] (scheduler jobs running a plan in shards). The
 //! IRs between them live in [`ir`]. Below them: [`model`] (the model-directory contract and a
 //! pure-Rust reference forward pass), [`onnx`] (graph building and surgery), [`runtime`] (ONNX
 //! Runtime), [`import`] (checkpoints -> model directory), and the leaves [`diag`], [`error`],
@@ -11,6 +12,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod cluster;
 pub mod demo;
 pub mod diag;
 pub mod error;

@@ -9,7 +9,7 @@ use patchbay::ir::experiment::Experiment;
 use patchbay::model::ModelDir;
 use patchbay::report::page;
 use patchbay::runtime::{self, Device};
-use patchbay::{cache, demo, import, predict};
+use patchbay::{cache, cluster, demo, import, predict};
 
 #[derive(Parser)]
 #[command(name = "patchbay", version, about = "Compile and run declarative activation-patching experiments")]
@@ -60,11 +60,23 @@ enum Command {
         #[arg(long)]
         device: Option<Device>,
     },
-    /// Print the compiled execution plan of an experiment.
+    /// Print the compiled execution plan of an experiment, or a cluster job running it in shards.
     Plan {
         file: PathBuf,
         #[arg(long)]
         device: Option<Device>,
+        /// Print a bash script submitting N shards as a Slurm job array, and the merge after them.
+        #[arg(long, value_name = "N", conflicts_with = "kubernetes")]
+        slurm: Option<usize>,
+        /// Print a Kubernetes manifest: an Indexed Job of N shards, and a merge Job.
+        #[arg(long, value_name = "N")]
+        kubernetes: Option<usize>,
+        /// The `run --memory` budget the shards and the merge use, in GiB.
+        #[arg(long, default_value_t = 1.0)]
+        memory: f64,
+        /// CPUs per shard.
+        #[arg(long, default_value_t = 4)]
+        cpus: usize,
     },
     /// Run experiments: every variant and patch, the expectations, the output files. Exit code 0
     /// when every expectation holds, 1 when one fails (results are still written), 2 on an error.
@@ -85,6 +97,7 @@ enum Command {
         shard: Option<patchbay::run::shard::Shard>,
     },
     /// Show a run folder's progress (`<output>.run`, or the output CSV): per shard, and an ETA.
+    /// Exit code 0 once every shard is done, 1 before.
     Status { folder: PathBuf },
     /// Render a result CSV (and the provenance sidecar beside it) as a self-contained HTML page.
     Report {
@@ -163,16 +176,25 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(all_ok)
         }
-        Command::Plan { file, device } => {
-            Ok(checked(&file, device).map(|exp| print!("{}", patchbay::plan::plan(&exp))).is_some())
+        Command::Plan { file, device, slurm, kubernetes, memory, cpus } => {
+            let Some(exp) = checked(&file, device) else { return Ok(false) };
+            let plan = patchbay::plan::plan(&exp);
+            match (slurm, kubernetes) {
+                (Some(n), _) => {
+                    check_memory(memory)?;
+                    print!("{}", cluster::slurm(&cluster::Job::new(&exp, &plan, &file, n, memory, cpus)?))
+                }
+                (_, Some(n)) => {
+                    check_memory(memory)?;
+                    let job = cluster::Job::new(&exp, &plan, &file, n, memory, cpus)?;
+                    print!("{}", cluster::kubernetes(&job, &exp.model.dir, &cache::cache_dir())?)
+                }
+                _ => print!("{plan}"),
+            }
+            Ok(true)
         }
         Command::Run { files, device, memory, reference, shard } => {
-            if !(memory.is_finite() && memory > 0.0) {
-                patchbay::bail_fixable!(
-                    "--memory {memory}: the memory budget of one ONNX Runtime call must be a positive number of GiB";
-                    help: "leave it out for the default of 1 GiB, or give e.g. `--memory 0.5`"
-                );
-            }
+            check_memory(memory)?;
             on_interrupt_say_how_to_resume();
             let options = patchbay::run::RunOptions {
                 executor: if reference { patchbay::run::Executor::Reference } else { patchbay::run::Executor::Fast },
@@ -183,8 +205,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             run_files(&files, device, &options)
         }
         Command::Status { folder } => {
-            print!("{}", patchbay::run::shard::status(&folder)?);
-            Ok(true)
+            let (text, all_done) = patchbay::run::shard::status(&folder)?;
+            print!("{text}");
+            Ok(all_done)
         }
         Command::Report { results, out, markdown, force } => {
             let kind = if markdown { page::Kind::Markdown } else { page::Kind::Html };
@@ -193,6 +216,16 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Doctor => doctor(),
     }
+}
+
+fn check_memory(memory: f64) -> anyhow::Result<()> {
+    if !(memory.is_finite() && memory > 0.0) {
+        patchbay::bail_fixable!(
+            "--memory {memory}: the memory budget of one ONNX Runtime call must be a positive number of GiB";
+            help: "leave it out for the default of 1 GiB, or give e.g. `--memory 0.5`"
+        );
+    }
+    Ok(())
 }
 
 /// Ctrl-C during `run`: completed batches are checkpointed; say so, and how to go on.

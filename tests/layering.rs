@@ -27,6 +27,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("plan", &["ir", "diag", "model"]),
     ("run", &["plan", "ir", "diag", "model", "onnx", "runtime", "files", "error"]),
     ("report", &["run", "plan", "ir", "model", "runtime", "files", "error"]),
+    ("cluster", &["ir", "model", "runtime", "error"]),
 ];
 
 /// Macros exported at the crate root, by the module that defines them.

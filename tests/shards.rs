@@ -54,9 +54,13 @@ fn ok(out: Output) -> String {
     text
 }
 
-fn status(dir: &Path) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_patchbay")).arg("status").arg(dir.join("out/r.csv.run")).output();
-    ok(out.unwrap())
+/// What `patchbay status` prints, and whether it says every shard is done (exit code 0, not 1).
+fn status(dir: &Path) -> (String, bool) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_patchbay")).arg("status").arg(dir.join("out/r.csv.run")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    (text, out.status.success())
 }
 
 /// The results of one process, then the outputs removed.
@@ -93,7 +97,8 @@ fn concurrent_local_shards_merge_to_the_bytes_of_one_process() {
             text.split(" patched passes computed").next().unwrap().rsplit('(').next().unwrap().parse::<u64>().unwrap();
     }
     assert!(!tmp.path().join("out/r.csv").exists(), "shards write no outputs");
-    assert!(status(tmp.path()).contains("all shards done"));
+    let (shown, all_done) = status(tmp.path());
+    assert!(all_done && shown.contains("all shards done"), "{shown}");
     assert_eq!(merged(tmp.path(), &file), expected);
     // Every patched pass was computed by exactly one shard.
     let provenance = std::fs::read_to_string(tmp.path().join("out/r.provenance.json")).unwrap();
@@ -123,8 +128,8 @@ fn a_killed_shard_resumes_and_a_shard_run_twice_is_harmless() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    let shown = status(tmp.path());
-    assert!(shown.contains("shard 1/2: done") && shown.contains("shard 2/2:") && shown.contains("1/2 done"), "{shown}");
+    let (shown, all_done) = status(tmp.path());
+    assert!(!all_done && shown.contains("shard 1/2: done") && shown.contains("1/2 done"), "{shown}");
     // The merge refuses, and writes nothing.
     let refused = run(&[], &file);
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -148,7 +153,8 @@ fn missing_shards_are_named_and_other_plans_refused() {
     assert_eq!(refused.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("1 of its 3 shards not done (2/3)"), "{stderr}");
     assert!(!tmp.path().join("out/r.csv").exists() && !tmp.path().join("out/p.csv").exists());
-    assert!(status(tmp.path()).contains("shard 2/3: not started"));
+    let (shown, all_done) = status(tmp.path());
+    assert!(!all_done && shown.contains("shard 2/3: not started"), "{shown}");
 
     // Another split of the same folder.
     let split = run(&["--shard", "2/4"], &file);

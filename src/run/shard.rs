@@ -94,8 +94,9 @@ pub fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// What `patchbay status` prints for the run folder `dir` (or the output CSV it belongs to).
-pub fn status(dir: &Path) -> Result<String> {
+/// What `patchbay status` prints for the run folder `dir` (or the output CSV it belongs to), and
+/// whether every shard is done.
+pub fn status(dir: &Path) -> Result<(String, bool)> {
     let dir = match dir.extension().is_some_and(|e| e == "csv") {
         true => crate::run::resume::folder_of(dir),
         false => dir.to_path_buf(),
@@ -107,10 +108,9 @@ pub fn status(dir: &Path) -> Result<String> {
         );
     }
     let Some(count) = crate::run::resume::shard_count(&dir)? else {
-        return Ok(format!(
-            "{}: an unsharded run, unfinished (run the same command again to resume it)\n",
-            dir.display()
-        ));
+        let text =
+            format!("{}: an unsharded run, unfinished (run the same command again to resume it)\n", dir.display());
+        return Ok((text, false));
     };
     let now = now_unix();
     let mut out = format!("{}: {count} shards\n", dir.display());
@@ -152,7 +152,7 @@ pub fn status(dir: &Path) -> Result<String> {
         (_, 0) => format!("{done}/{count} done; about {} until the last running shard finishes\n", duration(eta)),
         (_, w) => format!("{done}/{count} done; {w} not started (no ETA for those)\n"),
     });
-    Ok(out)
+    Ok((out, done == count))
 }
 
 fn duration(seconds: f64) -> String {
