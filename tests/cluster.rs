@@ -11,26 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use patchbay::import::{self, ImportOptions};
-use patchbay::model::Architecture;
-use patchbay::test_support::synth::{self, WeightDtype};
-
-const BODY: &str = "corruption s2_io = replace S2 with IO\ncorruption gn = noise on S2 samples 2\npatch heads = attn.hook_z layers all heads all\npatch resid = hook_resid_mid layers all positions each\nmetric ld = logit_diff normalized\nmetric kl = kl\nsweep { direction: [denoise, noise] }\noutput \"out/r.csv\"\nper_prompt \"out/p.csv\"\n";
-/// One pass per batch: many checkpoints, so a shard can be cancelled between them.
-const MEMORY: &str = "0.0000001";
-
-fn setup(dir: &Path, prompts: usize) -> PathBuf {
-    patchbay::runtime::ensure(true).unwrap();
-    let ckpt = dir.join("ckpt");
-    synth::tiny(Architecture::Llama, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
-    import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
-    let file = dir.join("exp.bay");
-    let text = format!(
-        "model \"model\"\npool names = [\" Mary\", \" John\", \" Tom\", \" Sarah\", \" Alice\", \" Bob\"]\ndataset ioi {{\n  template \"When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to\"\n  slot IO, S1 from names distinct\n  slot S2 = S1\n  slot PLACE from [\" store\", \" park\"]\n  slot OBJECT from [\" drink\", \" book\"]\n  count {prompts}  seed 1\n  answer IO  wrong S1\n}}\n{BODY}"
-    );
-    std::fs::write(&file, text).unwrap();
-    file
-}
+#[path = "support/sweep_fixture.rs"]
+mod sweep_fixture;
+use sweep_fixture::{setup, MEMORY};
 
 fn patchbay() -> Command {
     Command::new(env!("CARGO_BIN_EXE_patchbay"))

@@ -2,41 +2,12 @@
 //! results are byte-identical to one process's, whatever happened to the shards on the way
 //! (killed, rerun, missing, of another plan).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use patchbay::import::{self, ImportOptions};
-use patchbay::model::Architecture;
-use patchbay::test_support::synth::{self, WeightDtype};
-
-/// Two directions, Gaussian noise with samples and two targets: several variants, and with
-/// a tiny memory budget many one-pass batches.
-const BODY: &str = "corruption s2_io = replace S2 with IO\ncorruption gn = noise on S2 samples 2\npatch heads = attn.hook_z layers all heads all\npatch resid = hook_resid_mid layers all positions each\nmetric ld = logit_diff normalized\nmetric kl = kl\nsweep { direction: [denoise, noise] }\noutput \"out/r.csv\"\nper_prompt \"out/p.csv\"\n";
-const MEMORY: &str = "0.0000001";
-
-fn setup(dir: &Path, prompts: usize) -> PathBuf {
-    patchbay::runtime::ensure(true).unwrap();
-    let ckpt = dir.join("ckpt");
-    synth::tiny(Architecture::Llama, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
-    import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
-    let file = dir.join("exp.bay");
-    let text = format!(
-        r#"model "model"
-pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob"]
-dataset ioi {{
-  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
-  slot IO, S1 from names distinct
-  slot S2 = S1
-  slot PLACE from [" store", " park"]
-  slot OBJECT from [" drink", " book"]
-  count {prompts}  seed 1
-  answer IO  wrong S1
-}}
-{BODY}"#
-    );
-    std::fs::write(&file, text).unwrap();
-    file
-}
+#[path = "support/sweep_fixture.rs"]
+mod sweep_fixture;
+use sweep_fixture::{setup, MEMORY};
 
 fn patchbay(args: &[&str], file: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_patchbay"));
