@@ -35,8 +35,8 @@ impl Job {
                 help: "add `output \"results/name.csv\"` to the experiment"
             );
         };
-        if shards == 0 {
-            bail_fixable!("0 shards"; help: "give the number of shards, e.g. `--slurm 4`");
+        if shards == 0 || cpus == 0 {
+            bail_fixable!("{shards} shards of {cpus} CPUs each: both must be at least 1"; help: "e.g. `--slurm 4 --cpus 4`");
         }
         let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()));
         Ok(Job {
@@ -51,16 +51,12 @@ impl Job {
         })
     }
 
-    /// `patchbay run` with the job's options: a shard's (`shard`: the shell expression of its
-    /// number) or the merge's.
-    fn command(&self, patchbay: &str, shard: Option<&str>) -> String {
-        let device = match self.device {
-            Device::Cuda => " --device cuda",
-            Device::Cpu => "",
-        };
+    /// `patchbay run` with the job's options (the device always named: it is part of the plan),
+    /// for a shard (`shard`: the shell expression of its number) or the merge; `experiment` is
+    /// the file as a shell word.
+    fn command(&self, patchbay: &str, experiment: &str, shard: Option<&str>) -> String {
         let shard = shard.map(|k| format!(" --shard {k}/{}", self.shards)).unwrap_or_default();
-        let file = quote(&self.experiment.display().to_string());
-        format!("{patchbay} run --quiet --memory {}{device}{shard} {file}", self.memory_gib)
+        format!("{patchbay} run --quiet --memory {} --device {}{shard} {experiment}", self.memory_gib, self.device)
     }
 
     fn run_folder(&self) -> String {
@@ -69,10 +65,12 @@ impl Job {
         quote(&self.output.with_file_name(name).display().to_string())
     }
 
+    /// The job's name: a DNS label (Kubernetes), room left for `-merge`.
     fn name(&self) -> String {
         let stem = self.experiment.file_stem().unwrap_or_default().to_string_lossy().to_lowercase();
         let clean: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
-        format!("patchbay-{}", clean.trim_matches('-'))
+        let name = format!("patchbay-{clean}");
+        name[..name.len().min(56)].trim_end_matches('-').to_string()
     }
 }
 
@@ -81,10 +79,14 @@ impl Job {
 /// merge after them).
 pub fn slurm(job: &Job) -> String {
     let gres = if job.device == Device::Cuda { " --gres=gpu:1" } else { "" };
-    let logs = quote(&format!("{}.slurm", job.output.display()));
+    let logs = format!("{}.slurm", job.output.display());
+    // Slurm reads `%` in file names as a pattern.
+    let (logs, log_pattern) = (quote(&logs), quote(&logs.replace('%', "%%")));
     let resources = format!("--cpus-per-task={} --mem={}M{gres}", job.cpus, job.request_mib);
-    let shard = job.command("\\\"$PATCHBAY\\\"", Some("\\$SLURM_ARRAY_TASK_ID"));
-    let merge = job.command("\\\"$PATCHBAY\\\"", None);
+    // The job's shell expands the variables (sbatch exports the submitting environment), so
+    // the wrapped command needs no quoting of paths.
+    let shard = job.command("\"$PATCHBAY\"", "\"$EXPERIMENT\"", Some("$SLURM_ARRAY_TASK_ID"));
+    let merge = job.command("\"$PATCHBAY\"", "\"$EXPERIMENT\"", None);
     format!(
         r#"#!/usr/bin/env bash
 # {file} as a Slurm job array of {n} shards and a merge job after them.
@@ -94,16 +96,17 @@ pub fn slurm(job: &Job) -> String {
 # (twice the model's files, twice the --memory budget of {gib} GiB, the cached runs, 512 MiB).
 # The run folder beside the output must be on storage every node sees.
 set -euo pipefail
-PATCHBAY=${{PATCHBAY:-{patchbay}}}
+export PATCHBAY=${{PATCHBAY:-{patchbay}}}
+export EXPERIMENT={experiment}
 SHARDS=${{1:-1-{n}}}
 mkdir -p {logs}
 array=$(sbatch --parsable --job-name={name} --array="$SHARDS" {resources} \
-  --output={logs}/shard-%a.out \
-  --wrap="{shard}")
+  --output={log_pattern}/shard-%a.out \
+  --wrap='{shard}')
 array=${{array%%;*}}
 merge=$(sbatch --parsable --job-name={name}-merge --dependency=afterok:"$array" --kill-on-invalid-dep=yes {resources} \
-  --output={logs}/merge.out \
-  --wrap="{merge}")
+  --output={log_pattern}/merge.out \
+  --wrap='{merge}')
 merge=${{merge%%;*}}
 echo "shards $SHARDS of {n}: job array $array; merge: job $merge (logs in {logs})"
 "#,
@@ -114,6 +117,7 @@ echo "shards $SHARDS of {n}: job array $array; merge: job $merge (logs in {logs}
         mib = job.request_mib,
         gib = job.memory_gib,
         patchbay = quote(&job.patchbay.display().to_string()),
+        experiment = quote(&job.experiment.display().to_string()),
         name = job.name(),
     )
 }
@@ -137,11 +141,12 @@ pub fn kubernetes(job: &Job, model: &Path, cache: &Path) -> Result<String> {
         );
     }
     let gpu = if job.device == Device::Cuda { "\n              nvidia.com/gpu: 1" } else { "" };
-    let shard = job.command("patchbay", Some("$((JOB_COMPLETION_INDEX + 1))"));
+    let experiment = quote(&job.experiment.display().to_string());
+    let shard = job.command("patchbay", &experiment, Some("$((JOB_COMPLETION_INDEX + 1))"));
     let merge = format!(
         "until patchbay status {} >/dev/null; do sleep 30; done; exec {}",
         job.run_folder(),
-        job.command("patchbay", None)
+        job.command("patchbay", &experiment, None)
     );
     let spec = |command: &str| {
         format!(
@@ -253,7 +258,7 @@ fn common_root(paths: &[&Path]) -> PathBuf {
 
 /// `s` as one shell word.
 fn quote(s: &str) -> String {
-    match s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:=@%".contains(c)) {
+    match s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:=@".contains(c)) {
         true => s.to_string(),
         false => format!("'{}'", s.replace('\'', r"'\''")),
     }

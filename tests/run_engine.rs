@@ -330,8 +330,8 @@ fn a_second_run_on_the_same_output_is_refused() {
     let body = "corruption s2_io = replace S2 with IO\npatch heads = attn.hook_z layers 0 heads all\nmetric p = prob\noutput \"out/r.csv\"\n";
     let file = setup(tmp.path(), Architecture::Llama, body);
     std::fs::create_dir_all(tmp.path().join("out")).unwrap();
-    // A lock held by a live process (this test).
-    std::fs::write(tmp.path().join("out/r.csv.lock"), std::process::id().to_string()).unwrap();
+    // A lock held by another live process (the one that started this test).
+    std::fs::write(tmp.path().join("out/r.csv.lock"), std::os::unix::process::parent_id().to_string()).unwrap();
     let exp = patchbay::check::check_file(&file, None).unwrap();
     let e = format!("{:#}", run::run(&exp, &RunOptions::default()).err().unwrap());
     assert!(e.contains("another patchbay run is writing"), "{e}");

@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 
 #[path = "support/sweep_fixture.rs"]
 mod sweep_fixture;
-use sweep_fixture::{setup, MEMORY};
+use sweep_fixture::{setup, setup_with, MEMORY};
 
 fn patchbay(args: &[&str], file: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_patchbay"));
@@ -75,7 +75,7 @@ fn concurrent_local_shards_merge_to_the_bytes_of_one_process() {
     let provenance = std::fs::read_to_string(tmp.path().join("out/r.provenance.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&provenance).unwrap();
     assert_eq!(Some(computed), json["counts"]["patched_passes_run"].as_u64(), "{provenance}");
-    assert_eq!(Some(computed), json["counts"]["patched_passes_restored"].as_u64(), "{provenance}");
+    assert_eq!(Some(computed), json["patched_passes_restored"].as_u64(), "{provenance}");
 }
 
 #[test]
@@ -146,5 +146,25 @@ fn missing_shards_are_named_and_other_plans_refused() {
         let out = run(&["--shard", bad], &file);
         assert_eq!(out.status.code(), Some(2), "--shard {bad}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("expected K/N"), "--shard {bad}");
+    }
+}
+
+/// Estimated targets: `verify top k` patches a subset of a target's runs exactly (checkpoints
+/// name runs by the variant's numbering), and a target estimated only leaves a shard nothing to
+/// patch, yet it is done.
+#[test]
+fn shards_of_estimated_targets_merge_to_the_bytes_of_one_process() {
+    for targets in [
+        "patch heads = attn.hook_z layers all heads all by attribution verify top 3\npatch resid = hook_resid_mid layers all positions each",
+        "patch heads = attn.hook_z layers all heads all by attribution",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = setup_with(tmp.path(), 3, targets);
+        let expected = single_process(tmp.path(), &file);
+        for k in ["1/2", "2/2"] {
+            ok(run(&["--shard", k], &file));
+        }
+        assert!(status(tmp.path()).1, "{targets}: every shard is done");
+        assert_eq!(merged(tmp.path(), &file), expected, "{targets}");
     }
 }

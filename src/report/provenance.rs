@@ -67,11 +67,11 @@ pub fn provenance(exp: &Experiment, outcome: &Outcome) -> Result<Vec<u8>> {
             "patched_runs_planned": plan.counts.patched_runs,
             "estimated_runs_planned": plan.counts.estimated_runs,
             "patched_passes_run": passes,
-            "patched_passes_restored": outcome.work.restored_passes,
             "backward_passes_run": outcome.work.backward_passes,
         },
-        // Not part of the results: reruns differ only here.
+        // Not part of the results: reruns (resumed, merged from shards) differ only here.
         "wall_seconds": (seconds * 10.0).round() / 10.0,
+        "patched_passes_restored": outcome.work.restored_passes,
     });
     Ok((serde_json::to_string_pretty(&json)? + "\n").into_bytes())
 }

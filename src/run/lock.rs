@@ -50,6 +50,7 @@ impl Lock {
                 let _ = writeln!(f, "{} {}", std::process::id(), crate::files::host());
                 let stop = Arc::new(AtomicBool::new(false));
                 let heartbeat = Some(refresh_until(path.to_path_buf(), stop.clone()));
+                HELD.lock().unwrap_or_else(|e| e.into_inner()).push(path.to_path_buf());
                 Ok(Lock { path: path.to_path_buf(), stop, heartbeat })
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail_fixable!(
@@ -71,6 +72,7 @@ impl Drop for Lock {
             let _ = thread.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        HELD.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != self.path);
     }
 }
 
@@ -88,21 +90,30 @@ fn refresh_until(path: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandl
     })
 }
 
-/// Whether the process that wrote lock `text` (`<pid> [<host>]`) no longer holds it.
+/// The locks this process holds (by path): a lock naming this process's pid that is not among
+/// them is a predecessor's (a retried container's pid is often 1 again).
+static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn held_here(path: &Path) -> bool {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|p| p == path)
+}
+
+/// Whether the process that wrote lock `text` (`<pid> [<host>]`) no longer holds it: silent for
+/// longer than [`STALE`] (its heartbeat stopped), or, on this host, gone.
 fn holder_is_gone(path: &Path, text: &str) -> bool {
     let mut fields = text.split_whitespace();
     let Some(pid) = fields.next().and_then(|p| p.parse::<i32>().ok()) else { return false };
-    match fields.next() {
-        Some(h) if h != crate::files::host() => age(path).is_some_and(|a| a > STALE),
-        _ => !process_alive(pid),
-    }
+    let same_host = fields.next().is_none_or(|h| h == crate::files::host());
+    let predecessor = pid as u32 == std::process::id() && !held_here(path);
+    let silent = age(path).is_some_and(|a| a > STALE);
+    silent || (same_host && (predecessor || !process_alive(pid)))
 }
 
 /// How long ago `path` was last written, by the clock of the file system it lives on (a file
 /// written just now in the same folder), not this host's.
 fn age(path: &Path) -> Option<Duration> {
     let written = std::fs::metadata(path).ok()?.modified().ok()?;
-    let probe = path.with_extension(format!("now.{}", std::process::id()));
+    let probe = path.with_extension(format!("now.{}.{}", crate::files::host(), std::process::id()));
     std::fs::write(&probe, b"").ok()?;
     let now = std::fs::metadata(&probe).and_then(|m| m.modified()).ok();
     let _ = std::fs::remove_file(&probe);
@@ -141,6 +152,9 @@ mod tests {
         assert!(!path.exists());
         // This host, a pid that cannot exist.
         std::fs::write(&path, format!("{} {}\n", i32::MAX, crate::files::host())).unwrap();
+        drop(Lock::at(&path, "testing").unwrap());
+        // This process's pid, not a lock it holds: a predecessor's (a retried container).
+        std::fs::write(&path, format!("{} {}\n", std::process::id(), crate::files::host())).unwrap();
         drop(Lock::at(&path, "testing").unwrap());
         // Another host, refreshed just now: held.
         std::fs::write(&path, "1 some-other-node\n").unwrap();

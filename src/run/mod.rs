@@ -241,7 +241,8 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 let setup = Setup::new(variant, &plan.metrics, model.patchable.clone());
                 let fits = rows_per_call(&dir, variant, opts.memory_bytes);
                 let rows_per_call = plan.batch_size.map_or(fits, |cap| fits.min(cap));
-                let mut log = run_folder.as_ref().map(|f| f.variant(v, plan.variants.len())).transpose()?;
+                let mut log =
+                    run_folder.as_ref().map(|f| f.variant(v, plan.variants.len(), exact.clone())).transpose()?;
                 match execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))? {
                     execute::Fast::Values(values) => values,
                     // A shard's part is in its log; the merge makes the rows.
@@ -290,9 +291,9 @@ fn tokens_read(plan: &Plan) -> Option<Vec<u32>> {
     Some(prompts.flat_map(|p| p.answer.ids().into_iter().chain(p.wrong.iter().flat_map(|w| w.ids()))).collect())
 }
 
-/// How the fast path orders passes into numbered batches; a checkpoint names its batch by number,
-/// so a change to the order must start runs afresh.
-const BATCH_ORDER: u32 = 2;
+/// How the fast path orders passes into numbered batches, and how checkpoints name them (by
+/// number, their runs by the variant's numbering): a change must start runs afresh.
+const BATCH_ORDER: u32 = 3;
 
 /// What a run's checkpoints depend on: the plan (prompts, corruptions, runs, metrics), the
 /// model, the device, the batching, and this patchbay.

@@ -12,7 +12,8 @@
 //! A sharded run ([`crate::run::shard`]) shares the folder: each shard appends to its own logs
 //! (`variant-<v>.shard-<K>.log`) under its lock, the folder records the plan's key and the
 //! shard count (`shards`), and the whole run, started once every shard is done, reads every log
-//! and computes nothing itself. A folder of another plan is refused, never discarded, once it
+//! and computes no patched pass itself (it recomputes the clean and corrupted runs, and any
+//! estimates, so it must run the same build on the same kind of machine as the shards). A folder of another plan is refused, never discarded, once it
 //! holds shards.
 
 use std::cell::RefCell;
@@ -53,6 +54,9 @@ pub struct VariantLog<'f> {
     folder: &'f RunFolder,
     file: std::fs::File,
     done: HashMap<u64, Vec<Entry>>,
+    /// The variant's run of each exactly patched run: logs name runs by the variant's numbering,
+    /// so a checkpoint never lands on another run when `verify top k` picks differently.
+    runs: Vec<usize>,
 }
 
 const KEY_FILE: &str = "key";
@@ -68,9 +72,13 @@ pub fn folder_of(output: &Path) -> PathBuf {
 /// Into how many shards the run in `dir` is split, if it is.
 pub fn shard_count(dir: &Path) -> Result<Option<usize>> {
     match std::fs::read_to_string(dir.join(SHARDS_FILE)) {
-        Ok(text) => {
-            text.trim().parse().map(Some).with_context(|| format!("{} is garbled", dir.join(SHARDS_FILE).display()))
-        }
+        Ok(text) => match text.trim().parse() {
+            Ok(count) if count > 0 => Ok(Some(count)),
+            _ => bail_fixable!(
+                "{} is garbled: it should hold the number of shards", dir.join(SHARDS_FILE).display();
+                help: "the run folder is damaged; delete it and run the shards again"
+            ),
+        },
         Err(_) => Ok(None),
     }
 }
@@ -149,9 +157,10 @@ impl RunFolder {
         }
     }
 
-    /// The checkpoints of variant `v` (of `variants`): every log of it in the folder is read;
-    /// this process appends to its own.
-    pub fn variant(&self, v: usize, variants: usize) -> Result<VariantLog<'_>> {
+    /// The checkpoints of variant `v` (of `variants`), whose exactly patched runs are `runs`
+    /// (indices into the variant's runs; `verify top k` picks some): every log of it in the
+    /// folder is read; this process appends to its own.
+    pub fn variant(&self, v: usize, variants: usize, runs: Vec<usize>) -> Result<VariantLog<'_>> {
         let own = match self.shard() {
             Some(s) => format!("variant-{v}.shard-{}.log", s.index),
             None => format!("variant-{v}.log"),
@@ -162,11 +171,11 @@ impl RunFolder {
         for entry in listing.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(&prefix) && name.ends_with(".log") && name != own {
-                done.extend(parse(&std::fs::read_to_string(entry.path()).unwrap_or_default()));
+                done.extend(parse(&read_log(&entry.path())?));
             }
         }
         let path = self.dir.join(own);
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let text = read_log(&path)?;
         done.extend(parse(&text));
         // Drop whatever follows the last completed batch (a kill mid-write), so new batches
         // are appended to a clean log.
@@ -182,22 +191,11 @@ impl RunFolder {
         file.set_len(complete as u64).with_context(|| format!("cannot write {}", path.display()))?;
         if let Some(s) = self.shard() {
             let mut progress = self.progress.borrow_mut();
-            let p = progress.get_or_insert_with(|| Progress {
-                host: crate::files::host(),
-                pid: std::process::id(),
-                started_unix: shard::now_unix(),
-                updated_unix: shard::now_unix(),
-                variant: v,
-                variants,
-                variant_cost: 0,
-                variant_done: 0,
-                batches_computed: 0,
-                batches_restored: 0,
-            });
+            let p = progress.get_or_insert_with(|| Progress::start(variants));
             (p.variant, p.variant_cost, p.variant_done) = (v, 0, 0);
             write_atomic(&shard::progress_path(&self.dir, s.index), &serde_json::to_vec(p)?)?;
         }
-        Ok(VariantLog { folder: self, file, done })
+        Ok(VariantLog { folder: self, file, done, runs })
     }
 
     /// Remove the folder: the run finished and its outputs are written.
@@ -207,13 +205,25 @@ impl RunFolder {
 
     /// Mark this shard done (its batches are all in its log); the folder stays for the merge.
     pub fn finish_shard(self) -> Result<()> {
-        if let (Some(s), Some(p)) = (self.shard(), self.progress.borrow_mut().as_mut()) {
+        if let Some(s) = self.shard() {
+            // A shard with no exactly patched runs (estimates only) never started a record.
+            let mut progress = self.progress.borrow_mut();
+            let p = progress.get_or_insert_with(|| Progress::start(0));
             p.updated_unix = shard::now_unix();
             (p.variant, p.variant_cost, p.variant_done) = (p.variants, 0, 0);
             write_atomic(&shard::progress_path(&self.dir, s.index), &serde_json::to_vec(p)?)?;
             write_atomic(&shard::done_path(&self.dir, s.index), &serde_json::to_vec(p)?)?;
         }
         Ok(())
+    }
+}
+
+/// A log's text; one that does not exist yet is empty, one that cannot be read is an error (an
+/// empty read would truncate the checkpoints).
+fn read_log(path: &Path) -> Result<String> {
+    match std::fs::read_to_string(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        read => read.with_context(|| format!("cannot read the checkpoints in {}", path.display())),
     }
 }
 
@@ -268,9 +278,12 @@ impl VariantLog<'_> {
         matches!(self.folder.mode, Mode::Merge)
     }
 
-    /// The passes of batch `batch`, if an earlier run completed it.
+    /// The passes of batch `batch`, if an earlier run completed it (and every run it names is
+    /// patched exactly here).
     pub fn completed(&mut self, batch: u64) -> Option<Vec<Entry>> {
-        self.done.remove(&batch)
+        let entries = self.done.remove(&batch)?;
+        let exact = |full: usize| self.runs.iter().position(|&r| r == full);
+        entries.into_iter().map(|(r, p, s, values)| Some((exact(r)?, p, s, values))).collect()
     }
 
     /// Record a completed batch of estimated cost `cost` durably (`restored`: read back from a
@@ -279,7 +292,7 @@ impl VariantLog<'_> {
         if !restored {
             let mut text = String::new();
             for (r, p, s, values) in entries {
-                text.push_str(&format!("{batch:x} {r:x} {p:x} {s:x}"));
+                text.push_str(&format!("{batch:x} {:x} {p:x} {s:x}", self.runs[*r]));
                 for v in values {
                     text.push_str(&format!(" {:x}", v.to_bits()));
                 }
@@ -309,7 +322,7 @@ mod tests {
         let out = dir.path().join("r.csv");
         let (folder, note) = RunFolder::open(&out, "k1", None).unwrap();
         assert!(note.is_none());
-        let mut log = folder.variant(0, 1).unwrap();
+        let mut log = folder.variant(0, 1, (0..30).collect()).unwrap();
         log.record(0, 1, &[(1, 2, 0, vec![0.5, -1.25])], false).unwrap();
         log.record(1, 1, &[(3, 0, 0, vec![f64::MIN_POSITIVE, 7.0])], false).unwrap();
         // A kill in the middle of batch 2.
@@ -321,27 +334,27 @@ mod tests {
             .unwrap();
         let (folder, note) = RunFolder::open(&out, "k1", None).unwrap();
         assert!(note.unwrap().contains("resuming"));
-        let mut log = folder.variant(0, 1).unwrap();
+        let mut log = folder.variant(0, 1, (0..30).collect()).unwrap();
         assert_eq!(log.completed(0), Some(vec![(1, 2, 0, vec![0.5, -1.25])]));
         assert_eq!(log.completed(1), Some(vec![(3, 0, 0, vec![f64::MIN_POSITIVE, 7.0])]));
         assert_eq!(log.completed(2), None);
         // The torn batch was cut off: a redone batch 2 parses cleanly.
         log.record(2, 1, &[(1, 1, 0, vec![1.0])], false).unwrap();
         let (folder, _) = RunFolder::open(&out, "k1", None).unwrap();
-        assert_eq!(folder.variant(0, 1).unwrap().completed(2), Some(vec![(1, 1, 0, vec![1.0])]));
+        assert_eq!(folder.variant(0, 1, (0..30).collect()).unwrap().completed(2), Some(vec![(1, 1, 0, vec![1.0])]));
         // Batch numbers are written in hex and read back as such (batch 10 is `a`, 26 is `1a`).
-        let mut log = folder.variant(0, 1).unwrap();
+        let mut log = folder.variant(0, 1, (0..30).collect()).unwrap();
         for batch in [10, 26] {
             log.record(batch, 1, &[(batch as usize, 0, 0, vec![2.0])], false).unwrap();
         }
         let (folder, _) = RunFolder::open(&out, "k1", None).unwrap();
-        let mut log = folder.variant(0, 1).unwrap();
+        let mut log = folder.variant(0, 1, (0..30).collect()).unwrap();
         assert_eq!(log.completed(10), Some(vec![(10, 0, 0, vec![2.0])]));
         assert_eq!(log.completed(26), Some(vec![(26, 0, 0, vec![2.0])]));
         // A different key starts afresh.
         let (folder, note) = RunFolder::open(&out, "k2", None).unwrap();
         assert!(note.unwrap().contains("changed"));
-        assert_eq!(folder.variant(0, 1).unwrap().completed(0), None);
+        assert_eq!(folder.variant(0, 1, (0..30).collect()).unwrap().completed(0), None);
         folder.finish().unwrap();
         assert!(!dir.path().join("r.csv.run").exists());
     }

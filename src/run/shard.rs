@@ -72,6 +72,22 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// This process's record, starting now, of a plan of `variants` variants.
+    pub fn start(variants: usize) -> Progress {
+        Progress {
+            host: crate::files::host(),
+            pid: std::process::id(),
+            started_unix: now_unix(),
+            updated_unix: now_unix(),
+            variant: 0,
+            variants,
+            variant_cost: 0,
+            variant_done: 0,
+            batches_computed: 0,
+            batches_restored: 0,
+        }
+    }
+
     /// The fraction of the shard's work done, counting every variant as equally costly.
     pub fn fraction(&self) -> f64 {
         let within = match self.variant_cost {
@@ -102,8 +118,9 @@ pub fn status(dir: &Path) -> Result<(String, bool)> {
         false => dir.to_path_buf(),
     };
     if !dir.is_dir() {
+        let what = if dir.exists() { "it is not a folder" } else { "it does not exist" };
         bail_fixable!(
-            "{} is not a run folder (it does not exist)", dir.display();
+            "{} is not a run folder ({what})", dir.display();
             help: "a run folder is `<output>.run` beside the output CSV, present while a run or its shards are unfinished; once merged it is removed"
         );
     }

@@ -11,9 +11,19 @@ use patchbay::test_support::synth::{self, WeightDtype};
 /// `run --memory`: one pass per batch, so there are many checkpoints to stop between.
 pub const MEMORY: &str = "0.0000001";
 
+/// The sweep's targets.
+const TARGETS: &str =
+    "patch heads = attn.hook_z layers all heads all\npatch resid = hook_resid_mid layers all positions each";
+
 /// A tiny Llama model in `<dir>/model` and the sweep over `prompts` IOI prompts in `<dir>/exp.bay`,
 /// writing `out/r.csv` and `out/p.csv`.
 pub fn setup(dir: &Path, prompts: usize) -> PathBuf {
+    setup_with(dir, prompts, TARGETS)
+}
+
+/// The same with other `patch` statements.
+#[allow(dead_code)]
+pub fn setup_with(dir: &Path, prompts: usize, targets: &str) -> PathBuf {
     patchbay::runtime::ensure(true).unwrap();
     let ckpt = dir.join("ckpt");
     synth::tiny(Architecture::Llama, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
@@ -33,8 +43,7 @@ dataset ioi {{
 }}
 corruption s2_io = replace S2 with IO
 corruption gn = noise on S2 samples 2
-patch heads = attn.hook_z layers all heads all
-patch resid = hook_resid_mid layers all positions each
+{targets}
 metric ld = logit_diff normalized
 metric kl = kl
 sweep {{ direction: [denoise, noise] }}
