@@ -107,7 +107,7 @@ impl RunFolder {
                     );
                 }
                 let lock = Lock::at(&dir.join(format!("shard-{}.lock", s.index)), &format!("computing shard {s}"))?;
-                if old_key.is_some() {
+                if shard::progress_path(&dir, s.index).is_file() {
                     note = Some(format!("shard {s}: going on from the batches already in {}", dir.display()));
                 }
                 Mode::Shard { shard: s, _lock: lock }
