@@ -102,6 +102,10 @@ pub enum CheckError {
     VerifyCount { count: String },
     WindowWithoutLayers,
     WindowOutOfRange { window: String, n_layers: usize },
+    PathSender { hook: String },
+    PathReceiverOutOfRange { receiver: String, reason: String },
+    PathReceiverNotAfterSender { receiver_layer: usize, sender_layer: usize },
+    PathGroupedReceiver { receiver: String, input: String, kv_head: usize, query_heads: Vec<usize> },
     // Metrics, the sweep and expectations.
     NoDataset,
     EmptySweep { axis: &'static str },
@@ -240,7 +244,7 @@ impl CheckError {
 
     /// Warnings do not stop the experiment.
     pub fn is_warning(&self) -> bool {
-        matches!(self, CheckError::AblationDirection { .. })
+        matches!(self, CheckError::AblationDirection { .. } | CheckError::PathGroupedReceiver { .. })
     }
 
     /// The error's code: one per variant, listed in spec/language.md ("Diagnostic codes").
@@ -326,6 +330,10 @@ impl CheckError {
             VerifyCount { .. } => "patchbay::verify_count",
             WindowWithoutLayers => "patchbay::window_without_layers",
             WindowOutOfRange { .. } => "patchbay::window_out_of_range",
+            PathSender { .. } => "patchbay::path_sender",
+            PathReceiverOutOfRange { .. } => "patchbay::path_receiver_out_of_range",
+            PathReceiverNotAfterSender { .. } => "patchbay::path_receiver_not_after_sender",
+            PathGroupedReceiver { .. } => "patchbay::path_grouped_receiver",
             NoDataset => "patchbay::no_dataset",
             EmptySweep { .. } => "patchbay::empty_sweep",
             NoCorruption => "patchbay::no_corruption",
@@ -484,6 +492,17 @@ impl CheckError {
             WindowOutOfRange { window, n_layers } => {
                 format!("window {window} is out of range: windows span 1..{n_layers} layers")
             }
+            PathSender { hook } => {
+                format!("`{hook}` cannot send along a path: senders are head outputs (`attn.hook_z`) or MLP outputs (`hook_mlp_out`)")
+            }
+            PathReceiverOutOfRange { receiver, reason } => format!("receiver `{receiver}`: {reason}"),
+            PathReceiverNotAfterSender { receiver_layer, sender_layer } => format!(
+                "a receiver at layer {receiver_layer} is not after sender layer {sender_layer}: a path runs from earlier layers to later ones"
+            ),
+            PathGroupedReceiver { receiver, input, kv_head, query_heads } => format!(
+                "`{receiver} {input}` receives through KV head {kv_head}, shared by query heads {}: the path reaches all of them",
+                query_heads.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(", ")
+            ),
             NoDataset => "the experiment has no dataset".into(),
             EmptySweep { axis } => format!("the experiment has no {axis} to run"),
             NoCorruption => "the experiment has no corruption to run".into(),

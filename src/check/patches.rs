@@ -12,11 +12,16 @@ impl Checker<'_> {
     pub fn patches(&mut self) {
         let datasets: Vec<&Dataset> = self.sweep_datasets().map(|b| &b.dataset).collect();
         let manifest = self.model.as_ref().map(|m| &m.manifest);
-        let mut errors = Vec::new();
-        let patches =
-            self.defs.patches.iter().filter_map(|(p, _)| patch(p, manifest, &datasets, &mut errors)).collect();
+        let (mut errors, mut warnings) = (Vec::new(), Vec::new());
+        let patches = self
+            .defs
+            .patches
+            .iter()
+            .filter_map(|(p, _)| patch(p, manifest, &datasets, &mut errors, &mut warnings))
+            .collect();
         self.patches = patches;
         self.errors.extend(errors);
+        self.warnings.extend(warnings);
     }
 }
 
@@ -169,6 +174,7 @@ fn patch(
     manifest: Option<&Manifest>,
     datasets: &[&Dataset],
     errors: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Diagnostic>,
 ) -> Option<PatchTarget> {
     let n0 = errors.len();
     let positions = match &p.positions {
@@ -311,6 +317,7 @@ fn patch(
             Some(out)
         }
     };
+    let path = p.path.as_ref().and_then(|spec| path(p, spec, &hooks, layers.as_deref(), manifest, errors, warnings));
     (errors.len() == n0).then(|| PatchTarget {
         name: p.name.node.clone(),
         hooks,
@@ -319,7 +326,99 @@ fn patch(
         positions,
         windows,
         summation: p.summation.is_some(),
-        method,
+        method: if p.path.is_some() { Method::Path } else { method },
         verify,
+        path,
     })
+}
+
+/// A `path` statement's senders (the target's hooks and layers) and receiver.
+fn path(
+    p: &ast::Patch,
+    spec: &ast::PathSpec,
+    hooks: &[HookRef],
+    layers: Option<&[usize]>,
+    manifest: &Manifest,
+    errors: &mut Vec<Diagnostic>,
+    warnings: &mut Vec<Diagnostic>,
+) -> Option<PathSpec> {
+    let c = &manifest.config;
+    let sender_ok = matches!(hooks, [HookRef::Layered(h)] if h == "attn.hook_z" || h == "hook_mlp_out");
+    if !sender_ok {
+        let hook = hooks.iter().map(|h| h.short().to_string()).collect::<Vec<_>>().join(", ");
+        errors.push(CheckError::PathSender { hook }.at(&p.hooks[0].span));
+        return None;
+    }
+    let span = &spec.receiver.span;
+    let out_of_range =
+        |reason: String| CheckError::PathReceiverOutOfRange { receiver: span.text().trim().to_string(), reason };
+    let receiver = match &spec.receiver.node {
+        ast::Receiver::Logits => Receiver::Logits,
+        ast::Receiver::Resid(l) if (1..=c.n_layers as i64).contains(&l.node) => Receiver::Resid(l.node as usize),
+        ast::Receiver::Resid(_) => {
+            let reason = format!("the residual stream enters layers 1..={} (the last: the final stream)", c.n_layers);
+            errors.push(out_of_range(reason).at(&spec.receiver.span));
+            return None;
+        }
+        ast::Receiver::Heads { heads, input } => {
+            let input = match input.node.as_str() {
+                "q" => HeadInput::Q,
+                "k" => HeadInput::K,
+                _ => HeadInput::V,
+            };
+            let group = c.n_heads / c.n_kv_heads.max(1);
+            let mut out = Vec::new();
+            for h in heads {
+                let (layer, head) = (h.node.layer, h.node.head);
+                let reason = match head {
+                    None => Some("a head receiver names a head, e.g. `L9.H3`".to_string()),
+                    Some(_) if !(0..c.n_layers as i64).contains(&layer) => {
+                        Some(format!("layer {layer} is out of range (0..{})", c.n_layers.saturating_sub(1)))
+                    }
+                    Some(m) if !(0..c.n_heads as i64).contains(&m) => {
+                        Some(format!("head {m} is out of range (0..{})", c.n_heads.saturating_sub(1)))
+                    }
+                    Some(_) => None,
+                };
+                if let Some(reason) = reason {
+                    errors.push(
+                        CheckError::PathReceiverOutOfRange { receiver: h.span.text().trim().to_string(), reason }
+                            .at(&h.span),
+                    );
+                    continue;
+                }
+                let (layer, head) = (layer as usize, head.unwrap_or(0) as usize);
+                let head = match input {
+                    HeadInput::Q => head,
+                    _ if group > 1 => {
+                        let kv_head = head / group;
+                        let receiver = h.span.text().trim().to_string();
+                        let query_heads = (kv_head * group..(kv_head + 1) * group).collect();
+                        let note = CheckError::PathGroupedReceiver {
+                            receiver,
+                            input: input.name().into(),
+                            kv_head,
+                            query_heads,
+                        };
+                        warnings.push(note.at(&h.span));
+                        kv_head
+                    }
+                    _ => head,
+                };
+                if !out.contains(&(layer, head)) {
+                    out.push((layer, head));
+                }
+            }
+            Receiver::Heads { input, heads: out }
+        }
+    };
+    let last_sender = layers.and_then(|l| l.iter().max().copied()).unwrap_or(0);
+    let receiver_layer = receiver.layer(c.n_layers);
+    if receiver_layer <= last_sender {
+        let error = CheckError::PathReceiverNotAfterSender { receiver_layer, sender_layer: last_sender };
+        errors.push(error.at(span));
+        return None;
+    }
+    let freeze = spec.freeze.as_ref().map_or(ast::Freeze { heads: true, mlps: true }, |f| f.node);
+    Some(PathSpec { receiver, freeze_heads: freeze.heads, freeze_mlps: freeze.mlps })
 }

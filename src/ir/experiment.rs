@@ -241,6 +241,103 @@ pub struct PatchTarget {
     /// With [`Method::Attribution`]: how many components of largest |estimate| are also
     /// patched exactly.
     pub verify: Option<usize>,
+    /// With [`Method::Path`]: where the senders' effect is received, and what is frozen.
+    pub path: Option<PathSpec>,
+}
+
+/// A `path` statement's receiver and freezing (spec/language.md, "path").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PathSpec {
+    pub receiver: Receiver,
+    /// Attention heads other than the sender are held at their base values between sender and
+    /// receiver.
+    pub freeze_heads: bool,
+    /// MLPs are held at their base values between sender and receiver.
+    pub freeze_mlps: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Receiver {
+    /// The logits: the metric of the sender-patched, frozen run itself.
+    Logits,
+    /// The residual stream entering layer `l` (`l` = the layer count: the final one).
+    Resid(usize),
+    /// Heads' `q`, `k` or `v` input: `(layer, head)`, heads of that hook (KV heads for `k`
+    /// and `v`), in order, without repeats.
+    Heads { input: HeadInput, heads: Vec<(usize, usize)> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum HeadInput {
+    Q,
+    K,
+    V,
+}
+
+impl HeadInput {
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadInput::Q => "q",
+            HeadInput::K => "k",
+            HeadInput::V => "v",
+        }
+    }
+}
+
+impl PathSpec {
+    /// The hooks held at their base values in layer `l` (between sender and receiver).
+    pub fn frozen_hooks(&self, l: usize) -> Vec<String> {
+        let mut hooks = vec![];
+        if self.freeze_heads {
+            hooks.push(format!("blocks.{l}.attn.hook_z"));
+        }
+        if self.freeze_mlps {
+            hooks.push(format!("blocks.{l}.hook_mlp_out"));
+        }
+        hooks
+    }
+
+    /// The hook each receiver reads, with the head it reads (`None`: all of the hook); none
+    /// for the logits.
+    pub fn receiver_hooks(&self, n_layers: usize) -> Vec<(String, Option<usize>)> {
+        match &self.receiver {
+            Receiver::Logits => vec![],
+            Receiver::Resid(l) if *l == n_layers => vec![(format!("blocks.{}.hook_resid_post", l - 1), None)],
+            Receiver::Resid(l) => vec![(format!("blocks.{l}.hook_resid_pre"), None)],
+            Receiver::Heads { input, heads } => {
+                heads.iter().map(|&(l, h)| (format!("blocks.{l}.attn.hook_{}", input.name()), Some(h))).collect()
+            }
+        }
+    }
+
+    /// Every hook a path run patches or reads: the frozen hooks of every layer, the receivers'.
+    pub fn hooks(&self, n_layers: usize) -> Vec<String> {
+        let frozen = (0..n_layers).flat_map(|l| self.frozen_hooks(l));
+        frozen.chain(self.receiver_hooks(n_layers).into_iter().map(|(h, _)| h)).collect()
+    }
+}
+
+impl Receiver {
+    /// The earliest layer the receiver reads (the layer count for the logits).
+    pub fn layer(&self, n_layers: usize) -> usize {
+        match self {
+            Receiver::Logits => n_layers,
+            Receiver::Resid(l) => *l,
+            Receiver::Heads { heads, .. } => heads.iter().map(|h| h.0).min().unwrap_or(n_layers),
+        }
+    }
+
+    /// The receiver as written in a row, e.g. `logits`, `resid 12`, `[L23.H3, L20.H0] q`.
+    pub fn label(&self) -> String {
+        match self {
+            Receiver::Logits => "logits".into(),
+            Receiver::Resid(l) => format!("resid {l}"),
+            Receiver::Heads { input, heads } => {
+                let list: Vec<String> = heads.iter().map(|(l, h)| format!("L{l}.H{h}")).collect();
+                format!("[{}] {}", list.join(", "), input.name())
+            }
+        }
+    }
 }
 
 /// How a target's effects are measured.
@@ -254,6 +351,8 @@ pub enum Method {
     /// AtP* (Kramar et al. 2024) with GradDrop: the size of the effect, averaged over backward
     /// passes that each drop one layer's residual write (spec/language.md, "by atp*").
     AtpStar,
+    /// Path patching: the sender's effect through a receiver, other paths frozen.
+    Path,
 }
 
 impl Method {
@@ -262,11 +361,12 @@ impl Method {
             Method::Exact => "exact",
             Method::Attribution => "attribution",
             Method::AtpStar => "atp*",
+            Method::Path => "path",
         }
     }
 
     pub fn is_estimate(self) -> bool {
-        self != Method::Exact
+        matches!(self, Method::Attribution | Method::AtpStar)
     }
 }
 

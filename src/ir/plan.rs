@@ -115,6 +115,8 @@ pub struct PatchRun {
     /// Estimated targets: how many of the target's components of largest |estimate| are also
     /// patched exactly.
     pub verify: Option<usize>,
+    /// Path targets: the receiver and what is frozen; the run's hooks are the sender's.
+    pub path: Option<PathSpec>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -285,6 +287,16 @@ impl fmt::Display for Plan {
                     if let Some(k) = first.verify {
                         write!(f, " (the top {k} by |estimate| also patched exactly)")?;
                     }
+                }
+                if let Some(path) = ps.first().and_then(|p| p.path.as_ref()) {
+                    let frozen = match (path.freeze_heads, path.freeze_mlps) {
+                        (true, true) => "other heads and MLPs",
+                        (true, false) => "other heads",
+                        (false, true) => "MLPs",
+                        (false, false) => "nothing",
+                    };
+                    let passes = if path.receiver == Receiver::Logits { "one pass" } else { "two passes" };
+                    write!(f, ", path patching to {} ({frozen} frozen; {passes} per sender)", path.receiver.label())?;
                 }
                 let labels: Vec<&str> = ps.iter().map(|p| p.label.as_str()).collect();
                 let shown = if labels.len() > 6 {

@@ -96,6 +96,7 @@ fn expand_patches(t: &PatchTarget, n_layers: usize, common_len: Option<usize>) -
                     summation: t.summation,
                     method: t.method,
                     verify: t.verify,
+                    path: t.path.clone(),
                 });
             }
         }
@@ -151,7 +152,11 @@ pub fn plan(exp: &Experiment) -> Plan {
                 }
                 let reps = n * samples;
                 let estimated = patches.iter().filter(|p| p.method.is_estimate()).count() as u64;
-                counts.patched_runs = reps * (patches.len() as u64 - estimated + verified(&patches));
+                // A path run's step three is a second pass (none for the logits as receiver).
+                let second_passes =
+                    patches.iter().filter(|p| p.path.as_ref().is_some_and(|x| x.receiver != Receiver::Logits)).count();
+                counts.patched_runs =
+                    reps * (patches.len() as u64 - estimated + verified(&patches) + second_passes as u64);
                 counts.estimated_runs = reps * estimated;
                 counts.layer_fraction_runs = patches
                     .iter()
@@ -214,7 +219,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                     corruption_kind: c.kind.clone(),
                     direction: dir,
                     prompts,
-                    captures: captures(&patches, &c.kind),
+                    captures: captures(&patches, &c.kind, n_layers),
                     patches,
                     shares_runs_with,
                     counts,
@@ -258,10 +263,11 @@ fn resolved(patches: &[PatchRun], prompts: &[PlannedPrompt]) -> Vec<PatchRun> {
     patches
 }
 
-/// The hooks a variant's cached runs capture: every patched hook, and the embeddings when
-/// Gaussian noise perturbs them.
-fn captures(patches: &[PatchRun], corruption: &CorruptionKind) -> Vec<String> {
+/// The hooks a variant's cached runs capture: every patched hook, the hooks path runs freeze and
+/// receive at, and the embeddings when Gaussian noise perturbs them.
+fn captures(patches: &[PatchRun], corruption: &CorruptionKind, n_layers: usize) -> Vec<String> {
     let mut hooks: Vec<String> = patches.iter().flat_map(|p| p.hooks.iter().cloned()).collect();
+    hooks.extend(patches.iter().filter_map(|p| p.path.as_ref()).flat_map(|path| path.hooks(n_layers)));
     if matches!(corruption, CorruptionKind::Noise { .. }) {
         hooks.push(EMBED_HOOK.to_string());
     }

@@ -13,6 +13,7 @@ pub mod lock;
 pub mod metrics;
 pub mod noise;
 pub mod passes;
+pub mod path;
 pub mod readout;
 pub mod results;
 pub mod resume;
@@ -204,9 +205,27 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         let exact: Vec<usize> = (0..full_variant.patches.len())
             .filter(|r| full_variant.patches[*r].method == Method::Exact || verified.contains(r))
             .collect();
+        // Path runs: full forward passes through the engine (spec/language.md, "path").
+        let path_runs: Vec<usize> =
+            (0..full_variant.patches.len()).filter(|&r| full_variant.patches[r].method == Method::Path).collect();
+        let paths = match path_runs.is_empty() {
+            true => None,
+            false => {
+                drop(current.take());
+                let mut engine = Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?;
+                let sub = subset(full_variant, &path_runs);
+                let setup = Setup::new(&sub, &plan.metrics, engine.patchable.clone());
+                let rows = match opts.executor {
+                    Executor::Fast => rows_per_call(&dir, &sub, opts.memory_bytes),
+                    _ => 1,
+                };
+                Some((path_runs, path::run(&setup, &mut engine, rows)?))
+            }
+        };
+        let estimates = estimates.map(|e| (estimated.clone(), e));
         if exact.is_empty() {
             shortcuts.push(None);
-            let values = merge(full_variant.patches.len(), None, estimates.map(|e| (estimated, e)));
+            let values = merge(full_variant.patches.len(), None, estimates, paths);
             work += values.work;
             tasks.push(values.task.clone());
             let variant_rows = results::rows(&plan, v, &values);
@@ -261,7 +280,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 }
             }
         };
-        let values = merge(full_variant.patches.len(), Some((exact, values)), estimates.map(|e| (estimated, e)));
+        let values = merge(full_variant.patches.len(), Some((exact, values)), estimates, paths);
         work += values.work;
         tasks.push(values.task.clone());
         let variant_rows = results::rows(&plan, v, &values);
@@ -354,8 +373,10 @@ fn merge(
     n_runs: usize,
     exact: Option<(Vec<usize>, VariantValues)>,
     estimated: Option<(Vec<usize>, VariantValues)>,
+    paths: Option<(Vec<usize>, VariantValues)>,
 ) -> VariantValues {
-    let base = exact.as_ref().or(estimated.as_ref()).map(|(_, v)| v).expect("a variant measures some runs");
+    let base = exact.as_ref().or(estimated.as_ref()).or(paths.as_ref()).map(|(_, v)| v);
+    let base = base.expect("a variant measures some runs");
     let mut merged = VariantValues {
         patched: vec![vec![]; n_runs],
         exact: vec![false; n_runs],
@@ -374,6 +395,12 @@ fn merge(
         for (i, &r) in runs.iter().enumerate() {
             merged.patched[r] = values.patched[i].clone();
             merged.exact[r] = true;
+        }
+        merged.work += values.work;
+    }
+    if let Some((runs, values)) = &paths {
+        for (i, &r) in runs.iter().enumerate() {
+            merged.patched[r] = values.patched[i].clone();
         }
         merged.work += values.work;
     }

@@ -181,7 +181,11 @@ fn row(v: usize, run: &PatchRun, cells: Vec<Cells>, per_prompt: Vec<Vec<PromptCe
         variant: v,
         target: run.target.clone(),
         component: run.label.clone(),
-        hooks: run.hooks.clone(),
+        // A path's sender hook, and where it is received: `blocks.9.attn.hook_z->[L23.H3] q`.
+        hooks: match &run.path {
+            None => run.hooks.clone(),
+            Some(path) => vec![format!("{}->{}", run.hooks.join("+"), path.receiver.label())],
+        },
         layer: run.window.map(|(_, centre)| centre).or(run.layers.first().copied()),
         head: run.head,
         position: same,

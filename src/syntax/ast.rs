@@ -159,6 +159,34 @@ pub struct Patch {
     pub estimate: Option<Spanned<Estimator>>,
     /// `verify top k`: the k components of largest |estimate| patched exactly too.
     pub verify: Option<Spanned<i64>>,
+    /// A `path` statement: the target's components are senders, measured through receivers.
+    pub path: Option<Box<PathSpec>>,
+}
+
+/// `to RECEIVER [freeze ...]` of a `path` statement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PathSpec {
+    pub receiver: Spanned<Receiver>,
+    /// What is held at its base value between sender and receiver (`None`: not written).
+    pub freeze: Option<Spanned<Freeze>>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum Receiver {
+    Logits,
+    /// The residual stream entering layer N (N = the layer count: the final one).
+    Resid(Spanned<i64>),
+    /// Heads' query, key or value input.
+    Heads {
+        heads: Vec<Spanned<Component>>,
+        input: Spanned<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Freeze {
+    pub heads: bool,
+    pub mlps: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -105,6 +105,7 @@ pub(super) fn convert_statement(ctx: &Ctx, pair: Pair<Rule>) -> Statement {
             StatementKind::Corruption { name, kind }
         }
         Rule::patch => StatementKind::Patch(convert_patch(ctx, inner)),
+        Rule::path => StatementKind::Patch(convert_path(ctx, inner)),
         Rule::metric => {
             let name = ctx.ident(inner.next().unwrap());
             let kind = ctx.ident(inner.next().unwrap());
@@ -349,6 +350,7 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
         summation: None,
         estimate: None,
         verify: None,
+        path: None,
     };
     for opt in inner {
         let span = ctx.span(&opt);
@@ -385,6 +387,80 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
         }
     }
     patch
+}
+
+/// A `path` statement: a patch target (its senders) with a receiver and what is frozen.
+fn convert_path<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
+    let name = ctx.ident(inner.next().unwrap());
+    let hooks = inner.next().unwrap().into_inner().map(|h| ctx.ident(h)).collect();
+    let mut patch = Patch {
+        name,
+        hooks,
+        layers: None,
+        heads: None,
+        positions: None,
+        window: None,
+        summation: None,
+        estimate: None,
+        verify: None,
+        path: None,
+    };
+    let (mut receiver, mut freeze) = (None, None);
+    for opt in inner {
+        let span = ctx.span(&opt);
+        match opt.as_rule() {
+            Rule::layers => patch.layers = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
+            Rule::heads => patch.heads = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
+            Rule::positions => {
+                let p = no_kw(opt).next().unwrap();
+                let sel = match p.as_rule() {
+                    Rule::all => PositionSel::All,
+                    Rule::each => PositionSel::Each,
+                    Rule::pos_list => PositionSel::List(p.into_inner().map(|q| convert_position(ctx, q)).collect()),
+                    _ => PositionSel::List(vec![convert_position(ctx, p)]),
+                };
+                patch.positions = Some(Spanned::new(sel, span));
+            }
+            Rule::receiver => {
+                let r = opt.into_inner().next().unwrap();
+                let kind = match r.as_rule() {
+                    Rule::recv_logits => Receiver::Logits,
+                    Rule::recv_resid => Receiver::Resid(ctx.int(no_kw(r).next().unwrap())),
+                    _ => {
+                        let mut parts = r.into_inner();
+                        let heads = parts.next().unwrap();
+                        let heads = match heads.as_rule() {
+                            Rule::head_list => heads.into_inner().map(|h| convert_component_id(ctx, h)).collect(),
+                            _ => vec![convert_component_id(ctx, heads)],
+                        };
+                        let input = parts.next().unwrap();
+                        Receiver::Heads { heads, input: Spanned::new(input.as_str().to_string(), ctx.span(&input)) }
+                    }
+                };
+                receiver = Some(Spanned::new(kind, span));
+            }
+            _ => {
+                let items: Vec<Rule> =
+                    no_kw(opt).map(|i| i.into_inner().next().map_or(Rule::kw_none, |k| k.as_rule())).collect();
+                let has = |rule: Rule| items.contains(&rule);
+                freeze = Some(Spanned::new(Freeze { heads: has(Rule::kw_heads), mlps: has(Rule::kw_mlps) }, span));
+            }
+        }
+    }
+    patch.path = Some(Box::new(PathSpec { receiver: receiver.expect("the grammar requires a receiver"), freeze }));
+    patch
+}
+
+/// `L9.H9` (or `L9`) without a position.
+fn convert_component_id(ctx: &Ctx, pair: Pair<Rule>) -> Spanned<Component> {
+    let span = ctx.span(&pair);
+    let body = &pair.as_str()[1..];
+    let (l, h) = match body.split_once(".H") {
+        Some((l, h)) => (l, Some(h)),
+        None => (body, None),
+    };
+    let num = |s: &str| s.parse::<i64>().unwrap_or(i64::MAX);
+    Spanned::new(Component { layer: num(l), head: h.map(num), position: None }, span)
 }
 
 fn convert_component(ctx: &Ctx, pair: Pair<Rule>) -> Spanned<Component> {

@@ -22,6 +22,7 @@ pub const STATEMENT_KEYWORDS: &[&str] = &[
     "dataset",
     "corruption",
     "patch",
+    "path",
     "metric",
     "average",
     "sweep",
@@ -251,6 +252,10 @@ fn rule_name(rule: Rule) -> String {
             "`layers`, `heads`, `positions`, `window`, `with summation baseline`, `by attribution` or `verify top k`"
                 .into()
         }
+        Rule::receiver | Rule::recv_heads | Rule::recv_input | Rule::head_list => {
+            "a receiver: `logits`, `resid N`, or heads with their input (`[L9.H9, L10.H7] q`, `L9.H9 k`)".into()
+        }
+        Rule::freeze | Rule::freeze_item => "`freeze heads`, `freeze heads, mlps` or `freeze none`".into(),
         Rule::ablation => "`zero ablation`, `mean ablation` or `resample ablation`".into(),
         Rule::replace | Rule::resample | Rule::noise | Rule::counterfactual => {
             "a corruption (`replace`, `resample`, `noise on`, `counterfactual`, `... ablation`)".into()

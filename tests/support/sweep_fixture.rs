@@ -1,6 +1,8 @@
 //! Shared test fixture for the sharding tests: a tiny model and a sweep of several variants
 //! (two directions, Gaussian noise with samples, two targets, two metrics) which, under a tiny
-//! memory budget, runs as many one-pass batches. Included with `#[path]`.
+//! memory budget, runs as many one-pass batches. Included with `#[path]`; not every test file
+//! uses every item.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +24,27 @@ pub fn setup(dir: &Path, prompts: usize) -> PathBuf {
 }
 
 /// The same with other `patch` statements.
-#[allow(dead_code)]
 pub fn setup_with(dir: &Path, prompts: usize, targets: &str) -> PathBuf {
+    let body = format!(
+        r#"corruption s2_io = replace S2 with IO
+corruption gn = noise on S2 samples 2
+{targets}
+metric ld = logit_diff normalized
+metric kl = kl
+sweep {{ direction: [denoise, noise] }}
+output "out/r.csv"
+per_prompt "out/p.csv"
+"#
+    );
+    setup_model(dir, Architecture::Llama, prompts, &body)
+}
+
+/// A tiny model of `arch` in `<dir>/model` and `<dir>/exp.bay`: an IOI dataset of `prompts`
+/// prompts, then `body`.
+pub fn setup_model(dir: &Path, arch: Architecture, prompts: usize, body: &str) -> PathBuf {
     patchbay::runtime::ensure(true).unwrap();
     let ckpt = dir.join("ckpt");
-    synth::tiny(Architecture::Llama, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
+    synth::tiny(arch, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
     import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
     let file = dir.join("exp.bay");
     let text = format!(
@@ -41,15 +59,7 @@ dataset ioi {{
   count {prompts}  seed 1
   answer IO  wrong S1
 }}
-corruption s2_io = replace S2 with IO
-corruption gn = noise on S2 samples 2
-{targets}
-metric ld = logit_diff normalized
-metric kl = kl
-sweep {{ direction: [denoise, noise] }}
-output "out/r.csv"
-per_prompt "out/p.csv"
-"#
+{body}"#
     );
     std::fs::write(&file, text).unwrap();
     file

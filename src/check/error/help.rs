@@ -85,6 +85,10 @@ impl CheckError {
             VerifyCount { .. } => "not a positive count of a sane size".into(),
             WindowWithoutLayers => "window".into(),
             WindowOutOfRange { .. } => "bad window".into(),
+            PathSender { .. } => "not a head or MLP output".into(),
+            PathReceiverOutOfRange { .. } => "no such receiver".into(),
+            PathReceiverNotAfterSender { .. } => "not after every sender".into(),
+            PathGroupedReceiver { .. } => "a shared key/value head".into(),
             NoDataset => "no `dataset`".into(),
             EmptySweep { axis } => format!("no {axis}"),
             NoCorruption => "no corruption".into(),
@@ -296,6 +300,12 @@ impl CheckError {
             WindowWithoutLayers => {
                 "drop `window` for a layer-less hook, or patch a per-layer hook such as `hook_mlp_out`".into()
             }
+            PathSender { .. } => "write `from attn.hook_z layers ... heads ...` or `from hook_mlp_out layers ...`".into(),
+            PathReceiverOutOfRange { .. } => {
+                "receivers are `logits`, `resid N` (0 < N <= layers; N = layers is the final residual stream), or heads `LN.HM` with `q`, `k` or `v`".into()
+            }
+            PathReceiverNotAfterSender { .. } => "choose senders in earlier layers (e.g. `layers 0..N-1`) or a later receiver".into(),
+            PathGroupedReceiver { .. } => "this is a note; a query receiver (`q`) is per query head".into(),
             WindowOutOfRange { n_layers: n, .. } => format!(
                 "a window is a number of layers from 1 to {n}, e.g. `window [1, 3, 5]`; w = 1 is single-layer patching"
             ),
