@@ -11,6 +11,10 @@
 //! Spearman correlation and top-10 recall against the exact values (AtP*'s unsigned score
 //! against the exact values' sizes).
 //!
+//! And path patching (`path`, run only when named): the IOI path sweep, every head of layers
+//! 0..22 as a sender to L23.H3's query (heads and MLPs frozen), batched against the reference
+//! executor (one pass per call), in one run: wall time, ratio, largest difference.
+//!
 //! Run: `cargo bench --bench patching` (or `-- w1` / `-- w2` for one; `-- prompts=16` for a
 //! quicker, smaller run; `-- device=cuda` on a GPU with the onnxruntime-gpu build). Reports wall time,
 //! patched passes per second and useful GFLOP/s: the FLOPs of the fast path's own work
@@ -146,6 +150,31 @@ fn main() -> anyhow::Result<()> {
                 timed[0].0 / seconds
             );
         }
+    }
+    if only.iter().any(|o| *o == "path") {
+        let file = tmp.join("path.bay");
+        let ioi = IOI.replace("PROMPTS", prompts);
+        let path = "path nm = from attn.hook_z layers 0..22 heads all to L23.H3 q";
+        std::fs::write(&file, format!("model \"{}\"\n{ioi}{path}\n", model.path.display()))?;
+        let exp = patchbay::check::check_file(&file, Some(device.parse().unwrap()))
+            .map_err(|d| anyhow::anyhow!("{}", d.iter().map(|d| d.render_terminal()).collect::<String>()))?;
+        let mut timed = vec![];
+        for executor in [Executor::Fast, Executor::Reference] {
+            let start = Instant::now();
+            let outcome = run::run(&exp, &RunOptions { executor, ..RunOptions::default() })?;
+            timed.push((start.elapsed().as_secs_f64(), outcome));
+        }
+        let largest = timed[0]
+            .1
+            .rows
+            .iter()
+            .zip(&timed[1].1.rows)
+            .map(|(a, b)| (a.cells[0].value.unwrap() - b.cells[0].value.unwrap()).abs())
+            .fold(0.0, f64::max);
+        println!("path on {device}: 207 senders -> L23.H3 q, {prompts} prompts, {} passes", timed[0].1.work.passes);
+        println!("  batched    {:>8.1} s", timed[0].0);
+        println!("  reference  {:>8.1} s  (one pass per call)", timed[1].0);
+        println!("  speed-up {:.1}x; largest difference {largest:.2e}", timed[1].0 / timed[0].0);
     }
     std::fs::remove_dir_all(&tmp)?;
     Ok(())

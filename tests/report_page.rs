@@ -615,3 +615,44 @@ fn the_command_writes_the_page_and_never_replaces_a_file_that_is_not_a_report() 
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a patchbay result CSV"));
 }
+
+/// Path rows: the report draws senders x receivers, one column per `path` target, the senders
+/// of largest |value| through any receiver as rows, every cell its CSV value.
+#[test]
+fn path_targets_are_drawn_as_senders_by_receivers() {
+    let mut csv = HEADER.to_string();
+    for suffix in ["", "_effect", "_patched", "_clean", "_corrupted", "_sem", "_estimate"] {
+        csv += &format!(",ld{suffix}");
+    }
+    csv.push('\n');
+    // 25 senders (more than the 20 drawn) to two receivers; sender i's value through receiver
+    // r is (i - 12) / 10 * (r + 1), so the senders farthest from 12 are drawn.
+    let mut expected = std::collections::BTreeMap::new();
+    for (r, (target, receiver)) in [("to_a", "[L5.H1] q"), ("to_b", "resid 6")].into_iter().enumerate() {
+        for i in 0..25usize {
+            let (layer, head) = (i / 5, i % 5);
+            let value = (i as f64 - 12.0) / 10.0 * (r as f64 + 1.0);
+            csv += &format!(
+                "t,t/a/denoise,t,a,denoise,{target},L{layer}.H{head},\"blocks.{layer}.attn.hook_z->{receiver}\",{layer},{head},,,,,8,1,path,{value},{value},0.5,1.5,-0.5,0.01,\n"
+            );
+            if (i as f64 - 12.0).abs() >= 3.0 {
+                expected.insert(format!("L{layer}.H{head} -> {receiver}"), value);
+            }
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let files = page::render((csv.as_bytes(), "t.csv"), None, &tmp.path().join("t.html")).unwrap();
+    let html = String::from_utf8(files[0].1.clone()).unwrap();
+    let doc = parse(&html);
+    let section = doc.descendants().find(|n| n.attribute("id") == Some("paths")).expect("a paths section");
+    let drawn: std::collections::BTreeMap<String, f64> = section
+        .descendants()
+        .filter(|n| class(n, "cell"))
+        .map(|n| (n.attribute("data-component").unwrap().to_string(), f(n.attribute("data-value"))))
+        .collect();
+    // |i - 12| >= 3 keeps 20 of the 25 senders (i = 0..=9 and 15..=24); both receivers each.
+    assert_eq!(drawn.len(), 40, "{drawn:?}");
+    for (name, value) in &expected {
+        assert!((drawn[name] - value).abs() < 1e-9, "{name}: {} vs {value}", drawn[name]);
+    }
+}

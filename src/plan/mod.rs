@@ -166,7 +166,7 @@ pub fn plan(exp: &Experiment) -> Plan {
                         reps as f64 * (n_layers - first) as f64 / n_layers as f64
                     })
                     .sum();
-                counts.naive_runs = reps * patches.len() as u64
+                counts.naive_runs = reps * (patches.len() + second_passes) as u64
                     + exp.sweep.patches.len() as u64 * (n + if c.kind.is_ablation() { 0 } else { n * samples });
                 total.patched_runs += counts.patched_runs;
                 total.estimated_runs += counts.estimated_runs;

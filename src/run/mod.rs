@@ -216,7 +216,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 let sub = subset(full_variant, &path_runs);
                 let setup = Setup::new(&sub, &plan.metrics, engine.patchable.clone());
                 let rows = match opts.executor {
-                    Executor::Fast => rows_per_call(&dir, &sub, opts.memory_bytes),
+                    Executor::Fast => rows_per_path_call(&dir, &sub, opts.memory_bytes),
                     _ => 1,
                 };
                 Some((path_runs, path::run(&setup, &mut engine, rows)?))
@@ -333,6 +333,28 @@ fn rows_per_call(dir: &ModelDir, variant: &plan::Variant, budget: u64) -> usize 
     let per_position =
         (8 * c.d_model + 4 * c.d_mlp + 3 * c.n_heads * len as usize + c.vocab_size / len as usize) as u64;
     let per_row = 4 * len * per_position * 2;
+    (budget / per_row.max(1)).clamp(1, 1024) as usize
+}
+
+/// Path passes per call: a full-graph pass (as [`rows_per_call`]) that also carries every
+/// captured hook three times (its patch value and mask, built here and copied for ONNX Runtime,
+/// and its captured value coming back).
+fn rows_per_path_call(dir: &ModelDir, variant: &plan::Variant, budget: u64) -> usize {
+    let len = variant.prompts.iter().map(|p| p.clean_ids.len()).max().unwrap_or(1);
+    let hook_values: usize = variant
+        .captures
+        .iter()
+        .filter_map(|h| dir.manifest.hooks.get(h))
+        .map(|hook| {
+            let fixed = |d: &crate::model::Dim| match d {
+                crate::model::Dim::Fixed(k) => *k,
+                crate::model::Dim::Symbolic(s) if s == "batch" => 1,
+                crate::model::Dim::Symbolic(_) => len,
+            };
+            hook.shape.iter().map(fixed).product::<usize>()
+        })
+        .sum();
+    let per_row = (budget / rows_per_call(dir, variant, budget).max(1) as u64) + 3 * 5 * hook_values as u64;
     (budget / per_row.max(1)).clamp(1, 1024) as usize
 }
 

@@ -27,6 +27,10 @@ pub struct Content {
     pub peaks: Vec<PeakView>,
     /// Window profiles against the summation baseline, per variant, window target and metric.
     pub profiles: Vec<Svg>,
+    /// Path patching: senders x receivers, per variant and metric.
+    pub paths: Vec<Svg>,
+    /// How many senders a path heat map shows.
+    pub path_senders: usize,
     pub has_sidecar: bool,
     /// Attribution estimates against exact values, from the sidecar.
     pub agreements: Vec<AgreementView>,
@@ -291,6 +295,15 @@ impl Content {
             }));
         }
 
+        let mut paths = vec![];
+        for variant in table.variants() {
+            for (m, metric) in table.metrics.iter().enumerate() {
+                if let Some(grid) = maps::paths(table, variant, m) {
+                    paths.push(files.svg(&grid, &format!("paths.{variant}.{metric}")));
+                }
+            }
+        }
+
         Ok(Content {
             experiment: table.experiment.clone(),
             source: source.to_string(),
@@ -299,6 +312,8 @@ impl Content {
             comparisons,
             peaks,
             profiles,
+            paths,
+            path_senders: maps::PATH_SENDERS,
             has_sidecar: sidecar.is_some(),
             agreements: side
                 .agreements
@@ -337,6 +352,6 @@ impl Content {
     pub fn svgs(&self) -> Vec<&Svg> {
         let maps = self.variants.iter().flat_map(|v| v.targets.iter().map(|t| &t.map));
         let matrices = self.comparisons.iter().flat_map(|c| [&c.jaccard, &c.spearman]);
-        maps.chain(matrices).chain(&self.profiles).collect()
+        maps.chain(matrices).chain(&self.profiles).chain(&self.paths).collect()
     }
 }

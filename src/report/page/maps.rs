@@ -155,3 +155,51 @@ pub fn matrix(table: &Table, target: &str, metric: usize, measure: Measure) -> G
         limit: Some(1.0),
     }
 }
+
+/// How many senders a path heat map shows: those of largest |effect| through any receiver.
+pub const PATH_SENDERS: usize = 20;
+
+/// Senders x receivers for one variant and metric: one column per `path` target of the variant
+/// (its receiver, named in the CSV's `hook` after `->`), one row per sender among the
+/// [`PATH_SENDERS`] of largest |value| through any of them. `None` without path rows.
+pub fn paths(table: &Table, variant: &str, metric: usize) -> Option<Grid> {
+    let path_rows: Vec<&Row> = table.rows.iter().filter(|r| r.variant == variant && r.method == "path").collect();
+    let mut targets: Vec<(&str, &str)> = vec![];
+    for r in &path_rows {
+        let receiver = r.hook.split_once("->").map_or("", |(_, to)| to);
+        if !targets.iter().any(|(t, _)| *t == r.target) {
+            targets.push((&r.target, receiver));
+        }
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    let mut senders: Vec<(&str, f64)> = vec![];
+    for r in &path_rows {
+        let size = r.cells[metric].shown().abs();
+        match senders.iter_mut().find(|(c, _)| *c == r.component) {
+            Some((_, largest)) => *largest = largest.max(size),
+            None => senders.push((&r.component, size)),
+        }
+    }
+    senders.sort_by(|a, b| b.1.total_cmp(&a.1));
+    senders.truncate(PATH_SENDERS);
+    let mut cells = vec![];
+    for r in &path_rows {
+        let x = targets.iter().position(|(t, _)| *t == r.target);
+        let y = senders.iter().position(|(c, _)| *c == r.component);
+        if let (Some(x), Some(y)) = (x, y) {
+            let value = r.cells[metric].shown();
+            cells.push(GridCell { x, y, value, name: format!("{} -> {}", r.component, targets[x].1) });
+        }
+    }
+    Some(Grid {
+        title: format!("{variant} · {}: senders x receivers (path patching)", table.metrics[metric]),
+        x_title: "receiver".into(),
+        y_title: "sender".into(),
+        x_ticks: targets.iter().map(|(t, _)| t.to_string()).collect(),
+        y_ticks: senders.iter().map(|(c, _)| Tick { label: c.to_string(), tip: c.to_string() }).collect(),
+        cells,
+        limit: None,
+    })
+}

@@ -34,7 +34,8 @@ pub struct Row {
     pub summation: bool,
     pub n_prompts: usize,
     pub n_samples: usize,
-    /// `exact` (activation patching), `attribution` or `atp*` (the row's values are estimates).
+    /// `exact` (activation patching), `attribution` or `atp*` (the row's values are estimates),
+    /// or `path` (path patching; `hook` names the receiver after `->`).
     pub method: String,
     /// One per metric, in [`Table::metrics`] order.
     pub cells: Vec<Cell>,
@@ -207,8 +208,8 @@ pub fn read(bytes: &[u8], name: &str) -> Result<Table> {
             n_prompts: whole(14)?.ok_or_else(|| cell_error("n_prompts", "", "a whole number (it is required)"))?,
             n_samples: whole(15)?.ok_or_else(|| cell_error("n_samples", "", "a whole number (it is required)"))?,
             method: match field(16) {
-                m @ ("exact" | "attribution" | "atp*") => m.to_string(),
-                other => return Err(cell_error("method", other, "`exact`, `attribution` or `atp*`")),
+                m @ ("exact" | "attribution" | "atp*" | "path") => m.to_string(),
+                other => return Err(cell_error("method", other, "`exact`, `attribution`, `atp*` or `path`")),
             },
             cells,
         });
