@@ -64,7 +64,9 @@ fn predict_cli_csv() {
 }
 
 /// `patchbay run` on SmolLM2 (a few prompts, a few layers): the fast executor agrees with the
-/// reference executor, and denoising the whole first residual stream restores the clean run;
+/// reference executor (path patching's batched passes with its one pass per call too: q, v,
+/// resid and logits receivers, frozen and unfrozen MLPs), and denoising the whole first
+/// residual stream restores the clean run;
 /// with KL (the whole vocabulary unembedded), then with logit differences only (the answers').
 #[test]
 fn smollm2_patching_fast_path_matches_reference() {
@@ -109,6 +111,10 @@ corruption gn = noise on S2 samples 2 seed 7
 patch heads = attn.hook_z layers [20, 29] heads [0, 4]
 patch resid = hook_resid_pre layers [0, 15] positions [S2, end]
 patch first = hook_resid_pre layers 0
+path q = from attn.hook_z layers 20 heads [0, 4] to L23.H3 q
+path v = from hook_mlp_out layers 15 to [L20.H2, L21.H0] v freeze heads
+path r = from attn.hook_z layers 20 heads 4 to resid 25 freeze none
+path d = from attn.hook_z layers 29 heads 0 to logits
 {metrics}
 sweep {{ direction: [denoise, noise] }}
 "#,

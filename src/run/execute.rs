@@ -268,7 +268,12 @@ fn from_corrupted(runs: &Runs, setup: &Setup) -> bool {
 /// per sample) or its clean run, [`base_index`] numbering them. Their residual streams, and
 /// keys and values (`key_values`: capture indices per layer) that are not patchable hooks, leave
 /// `runs`; every run keeps its first `n_patchable` captures, the hooks patches read.
-fn take_base_runs(runs: &mut Runs, setup: &Setup, key_values: &[[usize; 2]], n_patchable: usize) -> Vec<BaseRun> {
+pub(crate) fn take_base_runs(
+    runs: &mut Runs,
+    setup: &Setup,
+    key_values: &[[usize; 2]],
+    n_patchable: usize,
+) -> Vec<BaseRun> {
     let corrupted = from_corrupted(runs, setup);
     let bounds: Vec<Vec<Arc<Tensor>>> = match corrupted {
         true => std::mem::take(&mut runs.corrupted_bounds).into_iter().flatten().collect(),
@@ -301,7 +306,7 @@ fn take_base_runs(runs: &mut Runs, setup: &Setup, key_values: &[[usize; 2]], n_p
 }
 
 /// The index of prompt `p`'s base run for sample `s` among [`base_runs`].
-fn base_index(runs: &Runs, setup: &Setup, p: usize, s: usize) -> usize {
+pub(crate) fn base_index(runs: &Runs, setup: &Setup, p: usize, s: usize) -> usize {
     match from_corrupted(runs, setup) {
         true => p * setup.samples() + s,
         false => p,

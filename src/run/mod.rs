@@ -212,14 +212,20 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
             true => None,
             false => {
                 drop(current.take());
-                let mut engine = Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?;
                 let sub = subset(full_variant, &path_runs);
-                let setup = Setup::new(&sub, &plan.metrics, engine.patchable.clone());
-                let rows = match opts.executor {
-                    Executor::Fast => rows_per_path_call(&dir, &sub, opts.memory_bytes),
-                    _ => 1,
+                let values = match opts.executor {
+                    Executor::Fast => {
+                        let mut model = Segments::new(&dir, &hooks, device, tokens_read(&plan).as_deref())?;
+                        let setup = Setup::new(&sub, &plan.metrics, model.patchable.clone());
+                        path::fast(&setup, &mut model, rows_per_path_call(&dir, &sub, opts.memory_bytes))?
+                    }
+                    _ => {
+                        let mut engine = Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?;
+                        let setup = Setup::new(&sub, &plan.metrics, engine.patchable.clone());
+                        path::reference(&setup, &mut engine, 1)?
+                    }
                 };
-                Some((path_runs, path::run(&setup, &mut engine, rows)?))
+                Some((path_runs, values))
             }
         };
         let estimates = estimates.map(|e| (estimated.clone(), e));

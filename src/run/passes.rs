@@ -124,6 +124,11 @@ impl<'a> Setup<'a> {
         Setup { variant, metrics, hooks, pos_axis }
     }
 
+    /// The position axis of hook `h`'s unbatched values.
+    pub(crate) fn pos_axis(&self, h: usize) -> usize {
+        self.pos_axis[h]
+    }
+
     pub(crate) fn hook_index(&self, name: &str) -> usize {
         self.hooks.iter().position(|(h, _)| h == name).expect("every patched hook is patchable")
     }

@@ -9,8 +9,10 @@
 //!    values; its metric is the path effect. For the logits as receiver, step two's own
 //!    metric is.
 //!
-//! Both steps are full forward passes, batched `rows` to an ONNX Runtime call (the reference
-//! executor: one).
+//! [`reference`] runs both steps as full forward passes, one per ONNX Runtime call. [`fast`]
+//! batches them on the per-layer segments and starts late: step two at the sender's layer,
+//! step three at the receivers', each from its base run's cached residual stream; step three
+//! (and step two to the logits) computes only the positions from the first one it changes.
 
 use anyhow::Result;
 
@@ -18,11 +20,107 @@ use crate::ir::experiment::{PathSpec, Receiver};
 use crate::ir::plan::PatchRun;
 use crate::model::checkpoint::Tensor;
 use crate::run::engine::{Engine, HookPatch, Pass};
-use crate::run::execute::cached_runs;
+use crate::run::execute::{base_index, base_logits, cached_runs, take_base_runs};
 use crate::run::passes::{Setup, VariantValues, Work};
+use crate::run::segments::{self, Segments};
 
-/// Every run of `setup`'s variant is a path run.
-pub fn run(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<VariantValues> {
+/// The fast path: every run of `setup`'s variant is a path run; `rows` passes per call.
+pub fn fast(setup: &Setup, model: &mut Segments, rows: usize) -> Result<VariantValues> {
+    model.release_bases();
+    let mut runs = cached_runs(setup, model, rows)?;
+    let bases = take_base_runs(&mut runs, setup, &model.key_value_captures(), model.patchable.len());
+    model.keep_bases(bases)?;
+    let (n, samples) = (setup.variant.prompts.len(), setup.samples());
+    let n_layers = model.len() - 2;
+    let mut patched = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
+    let items: Vec<(usize, usize, usize)> = (0..setup.variant.patches.len())
+        .flat_map(|r| (0..n).flat_map(move |p| (0..samples).map(move |s| (r, p, s))))
+        .collect();
+    let mut work = Work::default();
+    for chunk in items.chunks(rows.max(1)) {
+        // Step two: from the sender's layer; all positions where receivers are recorded.
+        let (mut recording, mut direct) = (vec![], vec![]);
+        for &(r, p, s) in chunk {
+            let run = &setup.variant.patches[r];
+            let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
+            let Some(from) = setup.patched_pass(run, p, &base, base_acts, &source).1 else {
+                // The sender writes the base run's own values: every path carries nothing.
+                patched[r][p][s] = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
+                continue;
+            };
+            let pass = step_two(setup, run, p, &base, base_acts, &source, n_layers);
+            let start = run.hooks.iter().map(|h| segments::segment_of(h)).min().unwrap_or(0);
+            let row = segment_row(setup, pass, start, from, base_index(&runs, setup, p, s));
+            match run.path.as_ref().expect("a path run").receiver {
+                Receiver::Logits => direct.push(((r, p, s), row)),
+                _ => recording.push(((r, p, s), row)),
+            }
+        }
+        for (calls, capture) in [(&direct, false), (&recording, true)] {
+            let rows: Vec<segments::Row> = calls.iter().map(|(_, row)| row.clone()).collect();
+            let mut receivers = vec![];
+            for (((r, p, s), row), out) in calls.iter().zip(model.run(&rows, capture)?) {
+                let span = if capture { row.ids.len() } else { model.positions_computed(row.ids.len(), row.from) };
+                work += Work::pass((n_layers + 1 - row.start) * span, rows.len());
+                if !capture {
+                    patched[*r][*p][*s] = setup.values(&out.logits, *p, &runs.clean_lp[*p]);
+                    continue;
+                }
+                // Step three: from the receivers' layer, the positions their inputs change.
+                let spec = setup.variant.patches[*r].path.as_ref().expect("a path run");
+                let (base, base_acts, _) = setup.base_and_source(&runs, *p, *s);
+                let pass = step_three(setup, spec, base, &out.captures, n_layers);
+                let hooks = spec.receiver_hooks(n_layers);
+                let start = hooks.iter().map(|(h, _)| segments::segment_of(h)).min().unwrap_or(0);
+                match first_change(setup, &pass, base_acts) {
+                    Some(from) => receivers
+                        .push(((*r, *p, *s), segment_row(setup, pass, start, from, row.base.expect("a base run")))),
+                    None => {
+                        patched[*r][*p][*s] = setup.values(base_logits(&runs, setup, *p, *s), *p, &runs.clean_lp[*p])
+                    }
+                }
+            }
+            let rows: Vec<segments::Row> = receivers.iter().map(|(_, row)| row.clone()).collect();
+            for (((r, p, s), row), out) in receivers.iter().zip(model.run(&rows, false)?) {
+                work += Work::pass(
+                    (n_layers + 1 - row.start) * model.positions_computed(row.ids.len(), row.from),
+                    rows.len(),
+                );
+                patched[*r][*p][*s] = setup.values(&out.logits, *p, &runs.clean_lp[*p]);
+            }
+        }
+    }
+    model.release_bases();
+    Ok(setup.collect(&runs, &patched, work))
+}
+
+/// A segments row of `pass` entering at segment `start`: its patches from there on (the base
+/// run's own earlier patches, noised embeddings, are in the residual stream it left there).
+fn segment_row(setup: &Setup, pass: Pass, start: usize, from: usize, base: usize) -> segments::Row {
+    let patches = pass.patches.into_iter().filter(|x| segments::segment_of(&setup.hooks[x.hook].0) >= start).collect();
+    segments::Row { ids: pass.ids, patches, start, from, base: Some(base) }
+}
+
+/// The first position at which `pass` writes a value its base run (`base_acts`) does not have.
+fn first_change(setup: &Setup, pass: &Pass, base_acts: &[Tensor]) -> Option<usize> {
+    pass.patches
+        .iter()
+        .filter_map(|x| {
+            let (shape, axis) = (&base_acts[x.hook].shape, setup.pos_axis(x.hook));
+            let stride: usize = shape[axis + 1..].iter().product();
+            let changed = x.mask.iter().zip(x.value.iter().zip(&base_acts[x.hook].data));
+            changed
+                .enumerate()
+                .filter(|(_, (&m, (a, b)))| m && a.to_bits() != b.to_bits())
+                .map(|(i, _)| (i / stride) % shape[axis])
+                .min()
+        })
+        .min()
+}
+
+/// The reference executor: every run of `setup`'s variant is a path run; `rows` full-graph
+/// passes per call.
+pub fn reference(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<VariantValues> {
     let runs = cached_runs(setup, engine, rows)?;
     let (n, samples) = (setup.variant.prompts.len(), setup.samples());
     let n_layers = engine.n_layers;
