@@ -12,8 +12,9 @@
 //! against the exact values' sizes).
 //!
 //! And path patching (`path`, run only when named): the IOI path sweep, every head of layers
-//! 0..22 as a sender to L23.H3's query (heads and MLPs frozen), batched against the reference
-//! executor (one pass per call), in one run: wall time, ratio, largest difference.
+//! 0..22 as a sender to L23.H3's query (heads and MLPs frozen), the fast path against the
+//! reference executor (two full forward passes per sender and prompt, one per call), in one
+//! run: wall time, ratio, largest difference.
 //!
 //! Run: `cargo bench --bench patching` (or `-- w1` / `-- w2` for one; `-- prompts=16` for a
 //! quicker, smaller run; `-- device=cuda` on a GPU with the onnxruntime-gpu build). Reports wall time,
@@ -172,7 +173,7 @@ fn main() -> anyhow::Result<()> {
             .map(|(a, b)| (a.cells[0].value.unwrap() - b.cells[0].value.unwrap()).abs())
             .fold(0.0, f64::max);
         println!("path on {device}: 207 senders -> L23.H3 q, {prompts} prompts, {} passes", timed[0].1.work.passes);
-        println!("  batched    {:>8.1} s", timed[0].0);
+        println!("  fast path  {:>8.1} s", timed[0].0);
         println!("  reference  {:>8.1} s  (one pass per call)", timed[1].0);
         println!("  speed-up {:.1}x; largest difference {largest:.2e}", timed[1].0 / timed[0].0);
     }
