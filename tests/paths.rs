@@ -16,7 +16,7 @@ use patchbay::test_support::synth;
 
 #[path = "support/sweep_fixture.rs"]
 mod sweep_fixture;
-use sweep_fixture::setup_model;
+use sweep_fixture::{setup_model, setup_synth};
 
 fn run_file(file: &Path, executor: Executor) -> run::Outcome {
     let exp = patchbay::check::check_file(file, None).unwrap_or_else(|d| panic!("{d:?}"));
@@ -43,7 +43,7 @@ struct Path_ {
 }
 
 /// Path patching by its definition, on the pure-Rust forward pass: step two (sender from the
-/// source run, frozen hooks from the base run, from the sender's layer to the receiver's),
+/// source run, frozen hooks from the base run, every layer from the sender's on),
 /// then step three (receivers' inputs from step two); the logit difference of the answer and
 /// the wrong answer at the last position, and step two's hooks.
 fn reference_path(
@@ -53,12 +53,13 @@ fn reference_path(
     path: &Path_,
     tokens: (usize, usize),
 ) -> (f64, BTreeMap<String, Tensor>) {
-    let n_layers = 2;
+    let n_layers = weights.config.n_layers;
     let base = reference::forward(weights, base_ids).unwrap().hooks;
     let source = reference::forward(weights, source_ids).unwrap().hooks;
-    let receiver_layer = path.spec.receiver.layer(n_layers);
+    // Every head (and MLP) from the sender's layer on is held: literally "every other path
+    // frozen", whatever the receivers' layers.
     let frozen = |hook: &str| -> bool {
-        (path.sender_layer..receiver_layer).any(|l| path.spec.frozen_hooks(l).iter().any(|h| h == hook))
+        (path.sender_layer..n_layers).any(|l| path.spec.frozen_hooks(l).iter().any(|h| h == hook))
     };
     let step_two = reference::forward_patched(weights, base_ids, &mut |hook, values| {
         let (src, held) = (&source[hook].data, &base[hook].data);
@@ -102,48 +103,67 @@ fn reference_path(
 
 #[test]
 fn path_patching_agrees_with_an_independent_pure_rust_computation() {
-    let body = format!("corruption s2_io = replace S2 with IO\n{PATHS}metric ld = logit_diff\nsweep {{ direction: [denoise, noise] }}\n");
     for arch in [Architecture::Llama, Architecture::Gpt2] {
-        let tmp = tempfile::tempdir().unwrap();
-        let file = setup_model(tmp.path(), arch, 3, &body);
-        let out = run_file(&file, Executor::Fast);
-        let weights = synth::tiny(arch, 3);
-        let mut checked = 0;
-        for row in &out.rows {
-            let variant = &out.plan.variants[row.variant];
-            let run = variant.patches.iter().find(|p| p.target == row.target && p.label == row.component).unwrap();
-            let path = Path_ {
-                sender_hook: run.hooks[0].clone(),
-                sender_layer: run.layers[0],
-                head: run.head,
-                position: None,
-                spec: run.path.clone().expect("a path row"),
-            };
-            assert_eq!(row.method.name(), "path");
-            for (p, prompt) in variant.prompts.iter().enumerate() {
-                let CorruptedPrompt::Tokens { ids: corrupted, .. } = &prompt.corrupted else { panic!() };
-                let (source_ids, base_ids) = match variant.direction.name() {
-                    "denoise" => (&prompt.clean_ids, corrupted),
-                    _ => (corrupted, &prompt.clean_ids),
-                };
-                let position = run.token_positions.get(p).copied();
-                let tokens = (prompt.answer.ids()[0] as usize, prompt.wrong.as_ref().unwrap().ids()[0] as usize);
-                let (expected, _) =
-                    reference_path(&weights, base_ids, source_ids, &Path_ { position, ..path_clone(&path) }, tokens);
-                let got = row.per_prompt[0][p].2.expect("a path row has patched metrics");
-                assert!(
-                    (got - expected).abs() < 1e-4,
-                    "{arch:?} {} {} {} prompt {p}: {got} vs {expected}",
-                    variant.label,
-                    row.target,
-                    row.component
-                );
-                checked += 1;
-            }
-        }
         // 8 targets; heads senders 4 runs each except v (2), pos (1) and the MLPs (1 each).
-        assert_eq!(checked, 2 * 3 * (4 + 4 + 2 + 1 + 1 + 4 + 4 + 1), "{arch:?}");
+        agrees_with_pure_rust(synth::tiny(arch, 3), PATHS, 4 + 4 + 2 + 1 + 1 + 4 + 4 + 1);
     }
+}
+
+/// Receivers in several layers (three layers): a later receiver's input does not carry the
+/// sender through an earlier receiver or the heads in between.
+#[test]
+fn receivers_in_several_layers_agree_with_the_pure_rust_computation() {
+    let paths = "path span = from attn.hook_z layers 0 heads all to [L2.H1, L1.H0] q
+path span_v = from hook_mlp_out layers 0 to [L1.H2, L2.H3] v freeze heads
+path span_none = from attn.hook_z layers 0 heads 1 to [L1.H3, L2.H0] k freeze none
+";
+    for arch in [Architecture::Llama, Architecture::Gpt2] {
+        agrees_with_pure_rust(synth::tiny_layers(arch, 3, 3), paths, 4 + 1 + 1);
+    }
+}
+
+/// Every path row's per-prompt logit difference (2 directions x 3 prompts) against
+/// [`reference_path`]; `runs` path runs per variant.
+fn agrees_with_pure_rust(weights: synth::SynthModel, paths: &str, runs: usize) {
+    let arch = weights.config.architecture;
+    let body = format!("corruption s2_io = replace S2 with IO\n{paths}metric ld = logit_diff\nsweep {{ direction: [denoise, noise] }}\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = setup_synth(tmp.path(), &weights, 3, &body);
+    let out = run_file(&file, Executor::Fast);
+    let mut checked = 0;
+    for row in &out.rows {
+        let variant = &out.plan.variants[row.variant];
+        let run = variant.patches.iter().find(|p| p.target == row.target && p.label == row.component).unwrap();
+        let path = Path_ {
+            sender_hook: run.hooks[0].clone(),
+            sender_layer: run.layers[0],
+            head: run.head,
+            position: None,
+            spec: run.path.clone().expect("a path row"),
+        };
+        assert_eq!(row.method.name(), "path");
+        for (p, prompt) in variant.prompts.iter().enumerate() {
+            let CorruptedPrompt::Tokens { ids: corrupted, .. } = &prompt.corrupted else { panic!() };
+            let (source_ids, base_ids) = match variant.direction.name() {
+                "denoise" => (&prompt.clean_ids, corrupted),
+                _ => (corrupted, &prompt.clean_ids),
+            };
+            let position = run.token_positions.get(p).copied();
+            let tokens = (prompt.answer.ids()[0] as usize, prompt.wrong.as_ref().unwrap().ids()[0] as usize);
+            let (expected, _) =
+                reference_path(&weights, base_ids, source_ids, &Path_ { position, ..path_clone(&path) }, tokens);
+            let got = row.per_prompt[0][p].2.expect("a path row has patched metrics");
+            assert!(
+                (got - expected).abs() < 1e-4,
+                "{arch:?} {} {} {} prompt {p}: {got} vs {expected}",
+                variant.label,
+                row.target,
+                row.component
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * 3 * runs, "{arch:?}");
 }
 
 fn path_clone(p: &Path_) -> Path_ {

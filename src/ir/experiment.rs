@@ -327,6 +327,16 @@ impl Receiver {
         }
     }
 
+    /// The latest layer the receiver reads: hooks are frozen up to it, so that a later
+    /// receiver's input does not carry the sender's effect through an earlier receiver or the
+    /// heads in between.
+    pub fn last_layer(&self, n_layers: usize) -> usize {
+        match self {
+            Receiver::Heads { heads, .. } => heads.iter().map(|h| h.0).max().unwrap_or(n_layers),
+            other => other.layer(n_layers),
+        }
+    }
+
     /// The receiver as written in a row, e.g. `logits`, `resid 12`, `[L23.H3, L20.H0] q`.
     pub fn label(&self) -> String {
         match self {

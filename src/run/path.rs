@@ -3,8 +3,8 @@
 //!
 //! Per (sender, prompt, sample), with the clean and corrupted runs cached:
 //! 1. step two: the base run with the sender's activation from the source and every frozen
-//!    hook (other heads' outputs, MLP outputs) from layer of the sender on held at its base
-//!    value; the receivers' inputs are recorded;
+//!    hook (other heads' outputs, MLP outputs) from the sender's layer to the last receiver's
+//!    held at its base value; the receivers' inputs are recorded;
 //! 2. step three: the base run with only the receivers' inputs replaced by those recorded
 //!    values; its metric is the path effect. For the logits as receiver, step two's own
 //!    metric is.
@@ -164,7 +164,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<Vari
 }
 
 /// Step two of `run` on prompt `p`: the base pass with the sender patched from `source` and the
-/// frozen hooks of every layer from the sender's to the receiver's held at `base_acts`.
+/// frozen hooks of every layer from the sender's to the last receiver's held at `base_acts`.
 pub fn step_two(
     setup: &Setup,
     run: &PatchRun,
@@ -177,7 +177,7 @@ pub fn step_two(
     let spec = run.path.as_ref().expect("a path run");
     let (mut pass, _) = setup.patched_pass(run, p, base, base_acts, source);
     let first = run.layers.iter().min().copied().unwrap_or(0);
-    for l in first..spec.receiver.layer(n_layers) {
+    for l in first..spec.receiver.last_layer(n_layers) {
         for hook in spec.frozen_hooks(l) {
             let h = setup.hook_index(&hook);
             let held = &base_acts[h].data;

@@ -98,10 +98,15 @@ pub enum WeightDtype {
 /// A tiny model: 2 layers, d_model 32, 4 heads of 8 (llama: 2 KV heads), d_mlp 64, n_ctx 64.
 /// Llama has an untied unembedding and no biases; GPT-2 has biases everywhere and tied embeddings.
 pub fn tiny(arch: Architecture, seed: u64) -> SynthModel {
+    tiny_layers(arch, seed, 2)
+}
+
+/// [`tiny`] with `n_layers` layers (the first two are [`tiny`]'s).
+pub fn tiny_layers(arch: Architecture, seed: u64, n_layers: usize) -> SynthModel {
     let llama = arch == Architecture::Llama;
     let config = ModelConfig {
         architecture: arch,
-        n_layers: 2,
+        n_layers,
         n_heads: 4,
         n_kv_heads: if llama { 2 } else { 4 },
         d_model: 32,

@@ -42,9 +42,14 @@ per_prompt "out/p.csv"
 /// A tiny model of `arch` in `<dir>/model` and `<dir>/exp.bay`: an IOI dataset of `prompts`
 /// prompts, then `body`.
 pub fn setup_model(dir: &Path, arch: Architecture, prompts: usize, body: &str) -> PathBuf {
+    setup_synth(dir, &synth::tiny(arch, 3), prompts, body)
+}
+
+/// The same with the model `synth`.
+pub fn setup_synth(dir: &Path, synth: &synth::SynthModel, prompts: usize, body: &str) -> PathBuf {
     patchbay::runtime::ensure(true).unwrap();
     let ckpt = dir.join("ckpt");
-    synth::tiny(arch, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
+    synth.write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
     import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
     let file = dir.join("exp.bay");
     let text = format!(
