@@ -31,6 +31,7 @@ path mlp = from hook_mlp_out layers 0 to resid 1 freeze none
 path final = from attn.hook_z layers 0 heads all to resid 2
 path direct = from attn.hook_z layers 0 heads all to logits
 path mlps = from hook_mlp_out layers 0 to logits freeze heads
+path only_mlps = from attn.hook_z layers 0 heads [0, 3] to L1.H1 q freeze mlps
 ";
 
 /// One `path` statement, as the test reads it back from the plan.
@@ -59,7 +60,10 @@ fn reference_path(
     // Every head (and MLP) from the sender's layer on is held: literally "every other path
     // frozen", whatever the receivers' layers.
     let frozen = |hook: &str| -> bool {
-        (path.sender_layer..n_layers).any(|l| path.spec.frozen_hooks(l).iter().any(|h| h == hook))
+        (path.sender_layer..n_layers).any(|l| {
+            (path.spec.freeze_heads && hook == format!("blocks.{l}.attn.hook_z"))
+                || (path.spec.freeze_mlps && hook == format!("blocks.{l}.hook_mlp_out"))
+        })
     };
     let step_two = reference::forward_patched(weights, base_ids, &mut |hook, values| {
         let (src, held) = (&source[hook].data, &base[hook].data);
@@ -81,7 +85,16 @@ fn reference_path(
         let last = &logits.data[logits.data.len() - vocab..];
         (last[tokens.0] - last[tokens.1]) as f64
     };
-    let receivers = path.spec.receiver_hooks(n_layers);
+    // The receivers' hooks and heads, named here from the receiver.
+    use patchbay::ir::experiment::Receiver;
+    let receivers: Vec<(String, Option<usize>)> = match &path.spec.receiver {
+        Receiver::Logits => vec![],
+        Receiver::Resid(l) if *l == n_layers => vec![(format!("blocks.{}.hook_resid_post", l - 1), None)],
+        Receiver::Resid(l) => vec![(format!("blocks.{l}.hook_resid_pre"), None)],
+        Receiver::Heads { input, heads, .. } => {
+            heads.iter().map(|&(l, h)| (format!("blocks.{l}.attn.hook_{}", input.name()), Some(h))).collect()
+        }
+    };
     if receivers.is_empty() {
         return (ld(&step_two.logits), step_two.hooks);
     }
@@ -104,8 +117,9 @@ fn reference_path(
 #[test]
 fn path_patching_agrees_with_an_independent_pure_rust_computation() {
     for arch in [Architecture::Llama, Architecture::Gpt2] {
-        // 8 targets; heads senders 4 runs each except v (2), pos (1) and the MLPs (1 each).
-        agrees_with_pure_rust(synth::tiny(arch, 3), PATHS, 4 + 4 + 2 + 1 + 1 + 4 + 4 + 1);
+        // 9 targets; heads senders 4 runs each except v and only_mlps (2), pos (1) and the MLPs
+        // (1 each).
+        agrees_with_pure_rust(synth::tiny(arch, 3), PATHS, 4 + 4 + 2 + 1 + 1 + 4 + 4 + 1 + 2);
     }
 }
 
@@ -116,9 +130,11 @@ fn receivers_in_several_layers_agree_with_the_pure_rust_computation() {
     let paths = "path span = from attn.hook_z layers 0 heads all to [L2.H1, L1.H0] q
 path span_v = from hook_mlp_out layers 0 to [L1.H2, L2.H3] v freeze heads
 path span_none = from attn.hook_z layers 0 heads 1 to [L1.H3, L2.H0] k freeze none
+path late = from attn.hook_z layers 1 heads all to L2.H2 q
+path late_mlp = from hook_mlp_out layers 0..1 to logits
 ";
     for arch in [Architecture::Llama, Architecture::Gpt2] {
-        agrees_with_pure_rust(synth::tiny_layers(arch, 3, 3), paths, 4 + 1 + 1);
+        agrees_with_pure_rust(synth::tiny_layers(arch, 3, 3), paths, 4 + 1 + 1 + 4 + 2);
     }
 }
 
@@ -130,7 +146,7 @@ fn agrees_with_pure_rust(weights: synth::SynthModel, paths: &str, runs: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let file = setup_synth(tmp.path(), &weights, 3, &body);
     let out = run_file(&file, Executor::Fast);
-    let mut checked = 0;
+    let (mut checked, mut moved) = (0, 0);
     for row in &out.rows {
         let variant = &out.plan.variants[row.variant];
         let run = variant.patches.iter().find(|p| p.target == row.target && p.label == row.component).unwrap();
@@ -161,9 +177,13 @@ fn agrees_with_pure_rust(weights: synth::SynthModel, paths: &str, runs: usize) {
                 row.component
             );
             checked += 1;
+            // Not vacuous: the path changes the prompt's metric by more than the tolerance
+            // (`m_effect`: patched minus the base run's).
+            moved += usize::from(row.per_prompt[0][p].1.abs() > 1e-2);
         }
     }
     assert_eq!(checked, 2 * 3 * runs, "{arch:?}");
+    assert!(moved * 2 > checked, "{arch:?}: only {moved} of {checked} paths move the metric");
 }
 
 fn path_clone(p: &Path_) -> Path_ {

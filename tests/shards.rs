@@ -149,14 +149,15 @@ fn missing_shards_are_named_and_other_plans_refused() {
     }
 }
 
-/// Estimated targets: `verify top k` patches a subset of a target's runs exactly (checkpoints
-/// name runs by the variant's numbering), and a target estimated only leaves a shard nothing to
-/// patch, yet it is done.
+/// Estimated and path targets: `verify top k` patches a subset of a target's runs exactly
+/// (checkpoints name runs by the variant's numbering), a target estimated only leaves a shard
+/// nothing to patch, yet it is done, and path runs are the merge's.
 #[test]
 fn shards_of_estimated_targets_merge_to_the_bytes_of_one_process() {
     for targets in [
         "patch heads = attn.hook_z layers all heads all by attribution verify top 3\npatch resid = hook_resid_mid layers all positions each",
         "patch heads = attn.hook_z layers all heads all by attribution",
+        "path p = from attn.hook_z layers 0 heads all to L1.H0 q\npatch resid = hook_resid_mid layers all positions each",
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let file = setup_with(tmp.path(), 3, targets);

@@ -409,7 +409,7 @@ fn path(
                     out.push((layer, head));
                 }
             }
-            Receiver::Heads { input, heads: out }
+            Receiver::Heads { input, heads: out, kv_heads: input != HeadInput::Q && group > 1 }
         }
     };
     let last_sender = layers.and_then(|l| l.iter().max().copied()).unwrap_or(0);

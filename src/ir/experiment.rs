@@ -263,8 +263,9 @@ pub enum Receiver {
     /// The residual stream entering layer `l` (`l` = the layer count: the final one).
     Resid(usize),
     /// Heads' `q`, `k` or `v` input: `(layer, head)`, heads of that hook (KV heads for `k`
-    /// and `v`), in order, without repeats.
-    Heads { input: HeadInput, heads: Vec<(usize, usize)> },
+    /// and `v`), in order, without repeats; `kv_heads`: they are a grouped-query model's KV
+    /// heads (labelled `L20.KV1`, not as the query heads of that number).
+    Heads { input: HeadInput, heads: Vec<(usize, usize)>, kv_heads: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -304,7 +305,7 @@ impl PathSpec {
             Receiver::Logits => vec![],
             Receiver::Resid(l) if *l == n_layers => vec![(format!("blocks.{}.hook_resid_post", l - 1), None)],
             Receiver::Resid(l) => vec![(format!("blocks.{l}.hook_resid_pre"), None)],
-            Receiver::Heads { input, heads } => {
+            Receiver::Heads { input, heads, .. } => {
                 heads.iter().map(|&(l, h)| (format!("blocks.{l}.attn.hook_{}", input.name()), Some(h))).collect()
             }
         }
@@ -342,8 +343,9 @@ impl Receiver {
         match self {
             Receiver::Logits => "logits".into(),
             Receiver::Resid(l) => format!("resid {l}"),
-            Receiver::Heads { input, heads } => {
-                let list: Vec<String> = heads.iter().map(|(l, h)| format!("L{l}.H{h}")).collect();
+            Receiver::Heads { input, heads, kv_heads } => {
+                let kind = if *kv_heads { "KV" } else { "H" };
+                let list: Vec<String> = heads.iter().map(|(l, h)| format!("L{l}.{kind}{h}")).collect();
                 format!("[{}] {}", list.join(", "), input.name())
             }
         }

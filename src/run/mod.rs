@@ -205,30 +205,37 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         let exact: Vec<usize> = (0..full_variant.patches.len())
             .filter(|r| full_variant.patches[*r].method == Method::Exact || verified.contains(r))
             .collect();
-        // Path runs: full forward passes through the engine (spec/language.md, "path").
+        // Path runs (spec/language.md, "path"); not split into shards: the merge computes them.
         let path_runs: Vec<usize> =
             (0..full_variant.patches.len()).filter(|&r| full_variant.patches[r].method == Method::Path).collect();
-        let paths = match path_runs.is_empty() {
+        let paths = match path_runs.is_empty() || opts.shard.is_some() {
             true => None,
             false => {
                 drop(current.take());
                 let sub = subset(full_variant, &path_runs);
+                let step = |n| progress.inc(n);
                 let values = match opts.executor {
                     Executor::Fast => {
                         let mut model = Segments::new(&dir, &hooks, device, tokens_read(&plan).as_deref())?;
                         let setup = Setup::new(&sub, &plan.metrics, model.patchable.clone());
-                        path::fast(&setup, &mut model, rows_per_path_call(&dir, &sub, opts.memory_bytes))?
+                        let fits = rows_per_path_call(&dir, &sub, opts.memory_bytes);
+                        let rows = plan.batch_size.map_or(fits, |cap| fits.min(cap));
+                        path::fast(&setup, &mut model, rows, &step)?
                     }
                     _ => {
                         let mut engine = Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?;
                         let setup = Setup::new(&sub, &plan.metrics, engine.patchable.clone());
-                        path::reference(&setup, &mut engine, 1)?
+                        path::reference(&setup, &mut engine, 1, &step)?
                     }
                 };
                 Some((path_runs, values))
             }
         };
         let estimates = estimates.map(|e| (estimated.clone(), e));
+        if opts.shard.is_some() && exact.is_empty() {
+            // A shard computes exact batches only; the merge makes every row.
+            continue;
+        }
         if exact.is_empty() {
             shortcuts.push(None);
             let values = merge(full_variant.patches.len(), None, estimates, paths);
@@ -269,12 +276,16 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 let mut log =
                     run_folder.as_ref().map(|f| f.variant(v, plan.variants.len(), exact.clone())).transpose()?;
                 match execute::fast(&setup, model, rows_per_call, log.as_mut(), &|n| progress.inc(n))? {
-                    execute::Fast::Values(values) => values,
                     // A shard's part is in its log; the merge makes the rows.
                     execute::Fast::ShardPart(part) => {
                         work += part;
                         continue;
                     }
+                    execute::Fast::Values(values) if opts.shard.is_some() => {
+                        work += values.work;
+                        continue;
+                    }
+                    execute::Fast::Values(values) => values,
                 }
             }
             Model::Full(engine) => {

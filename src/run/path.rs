@@ -25,7 +25,7 @@ use crate::run::passes::{Setup, VariantValues, Work};
 use crate::run::segments::{self, Segments};
 
 /// The fast path: every run of `setup`'s variant is a path run; `rows` passes per call.
-pub fn fast(setup: &Setup, model: &mut Segments, rows: usize) -> Result<VariantValues> {
+pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
     model.release_bases();
     let mut runs = cached_runs(setup, model, rows)?;
     let bases = take_base_runs(&mut runs, setup, &model.key_value_captures(), model.patchable.len());
@@ -89,9 +89,16 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize) -> Result<VariantV
                 patched[*r][*p][*s] = setup.values(&out.logits, *p, &runs.clean_lp[*p]);
             }
         }
+        progress(passes_of(setup, chunk));
     }
     model.release_bases();
     Ok(setup.collect(&runs, &patched, work))
+}
+
+/// The planned passes of `chunk`'s (run, prompt, sample) items: two per path, one to the logits.
+fn passes_of(setup: &Setup, chunk: &[(usize, usize, usize)]) -> u64 {
+    let spec = |r: usize| setup.variant.patches[r].path.as_ref().expect("a path run");
+    chunk.iter().map(|&(r, ..)| if spec(r).receiver == Receiver::Logits { 1 } else { 2 }).sum()
 }
 
 /// A segments row of `pass` entering at segment `start`: its patches from there on (the base
@@ -120,7 +127,7 @@ fn first_change(setup: &Setup, pass: &Pass, base_acts: &[Tensor]) -> Option<usiz
 
 /// The reference executor: every run of `setup`'s variant is a path run; `rows` full-graph
 /// passes per call.
-pub fn reference(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<VariantValues> {
+pub fn reference(setup: &Setup, engine: &mut Engine, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
     let runs = cached_runs(setup, engine, rows)?;
     let (n, samples) = (setup.variant.prompts.len(), setup.samples());
     let n_layers = engine.n_layers;
@@ -151,6 +158,7 @@ pub fn reference(setup: &Setup, engine: &mut Engine, rows: usize) -> Result<Vari
                 }
             }
         }
+        progress(passes_of(setup, chunk));
         let passes: Vec<Pass> = receivers.iter().map(|(_, pass)| pass.clone()).collect();
         if passes.is_empty() {
             continue;
