@@ -311,10 +311,25 @@ impl PathSpec {
         }
     }
 
-    /// Every hook a path run patches or reads: the frozen hooks of every layer, the receivers'.
+    /// With heads and MLPs frozen, the residual stream the receivers' layer reads (the final
+    /// one for the logits): step two moves it by the sender's output change alone, so the fast
+    /// path enters there.
+    pub fn entry_hook(&self, n_layers: usize) -> Option<String> {
+        if !(self.freeze_heads && self.freeze_mlps) {
+            return None;
+        }
+        Some(match self.receiver.layer(n_layers) {
+            l if l == n_layers => format!("blocks.{}.hook_resid_post", n_layers - 1),
+            l => format!("blocks.{l}.hook_resid_pre"),
+        })
+    }
+
+    /// Every hook a path run patches or reads: the frozen hooks of every layer, the receivers',
+    /// and the entry hook.
     pub fn hooks(&self, n_layers: usize) -> Vec<String> {
         let frozen = (0..n_layers).flat_map(|l| self.frozen_hooks(l));
-        frozen.chain(self.receiver_hooks(n_layers).into_iter().map(|(h, _)| h)).collect()
+        let receivers = self.receiver_hooks(n_layers).into_iter().map(|(h, _)| h);
+        frozen.chain(receivers).chain(self.entry_hook(n_layers)).collect()
     }
 }
 

@@ -220,7 +220,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                         let setup = Setup::new(&sub, &plan.metrics, model.patchable.clone());
                         let fits = rows_per_path_call(&dir, &sub, opts.memory_bytes);
                         let rows = plan.batch_size.map_or(fits, |cap| fits.min(cap));
-                        path::fast(&setup, &mut model, rows, &step)?
+                        path::fast(&setup, &mut model, &dir, rows, &step)?
                     }
                     _ => {
                         let mut engine = Engine::new(&dir, &hooks, &hooks, graph::Unembed::LastPosition, device)?;

@@ -10,22 +10,35 @@
 //!    metric is.
 //!
 //! [`reference`] runs both steps as full forward passes, one per ONNX Runtime call. [`fast`]
-//! batches them on the per-layer segments and starts late: step two at the sender's layer,
-//! step three at the receivers', each from its base run's cached residual stream; step three
-//! (and step two to the logits) computes only the positions from the first one it changes.
+//! batches them on the per-layer segments and starts late: step two at the sender's layer (at
+//! the receivers' when heads and MLPs are frozen: [`Linear`]), step three at the receivers',
+//! each from its base run's cached residual stream; step three (and step two to the logits)
+//! computes only the positions from the first one it changes.
+
+use std::collections::HashMap;
 
 use anyhow::Result;
 
 use crate::ir::experiment::{PathSpec, Receiver};
 use crate::ir::plan::PatchRun;
 use crate::model::checkpoint::Tensor;
+use crate::model::ModelDir;
 use crate::run::engine::{Engine, HookPatch, Pass};
 use crate::run::execute::{base_index, base_logits, cached_runs, take_base_runs};
 use crate::run::passes::{Setup, VariantValues, Work};
 use crate::run::segments::{self, Segments};
 
-/// The fast path: every run of `setup`'s variant is a path run; `rows` passes per call.
-pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(u64)) -> Result<VariantValues> {
+/// The fast path: every run of `setup`'s variant is a path run; `rows` passes per call. `dir`:
+/// the model directory, whose attention output weights make step two linear when heads and
+/// MLPs are frozen.
+pub fn fast(
+    setup: &Setup,
+    model: &mut Segments,
+    dir: &ModelDir,
+    rows: usize,
+    progress: &dyn Fn(u64),
+) -> Result<VariantValues> {
+    let mut linear = Linear { dir, graph: None, w_o: HashMap::new() };
     model.release_bases();
     let mut runs = cached_runs(setup, model, rows)?;
     let bases = take_base_runs(&mut runs, setup, &model.key_value_captures(), model.patchable.len());
@@ -49,8 +62,20 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
                 continue;
             };
             let pass = step_two(setup, run, p, &base, base_acts, &source, n_layers);
-            let start = run.hooks.iter().map(|h| segments::segment_of(h)).min().unwrap_or(0);
-            let row = segment_row(setup, pass, start, from, base_index(&runs, setup, p, s));
+            let index = base_index(&runs, setup, p, s);
+            let row = match linear.entry(setup, run, &pass, base_acts, n_layers)? {
+                Some((pass, start)) => match first_change(setup, &pass, base_acts) {
+                    Some(from) => segment_row(setup, pass, start, from, index),
+                    None => {
+                        patched[r][p][s] = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
+                        continue;
+                    }
+                },
+                None => {
+                    let start = run.hooks.iter().map(|h| segments::segment_of(h)).min().unwrap_or(0);
+                    segment_row(setup, pass, start, from, index)
+                }
+            };
             match run.path.as_ref().expect("a path run").receiver {
                 Receiver::Logits => direct.push(((r, p, s), row)),
                 _ => recording.push(((r, p, s), row)),
@@ -99,6 +124,92 @@ pub fn fast(setup: &Setup, model: &mut Segments, rows: usize, progress: &dyn Fn(
 fn passes_of(setup: &Setup, chunk: &[(usize, usize, usize)]) -> u64 {
     let spec = |r: usize| setup.variant.patches[r].path.as_ref().expect("a path run");
     chunk.iter().map(|&(r, ..)| if spec(r).receiver == Receiver::Logits { 1 } else { 2 }).sum()
+}
+
+/// Step two when heads and MLPs are frozen: every write between sender and receivers is held,
+/// so the residual stream reaching the receivers' layer is the base run's plus the sender's
+/// output change (a head's: its z change through its rows of W_O; an MLP's: the change itself).
+/// The pass enters there instead of at the sender's layer.
+struct Linear<'d> {
+    dir: &'d ModelDir,
+    graph: Option<crate::onnx::proto::ModelProto>,
+    /// Per layer, `W_O` as the graph multiplies by it (`[heads * d_head, d_model]`), if the
+    /// graph has it.
+    w_o: HashMap<usize, Option<Vec<f32>>>,
+}
+
+impl Linear<'_> {
+    /// `pass` (step two's) entering at the receivers' layer: the entry hook set to the base
+    /// run's plus the sender's change, the frozen hooks from there on; and its segment. `None`
+    /// where step two is not linear (something unfrozen, or a graph without readable `W_O`).
+    fn entry(
+        &mut self,
+        setup: &Setup,
+        run: &PatchRun,
+        pass: &Pass,
+        base_acts: &[Tensor],
+        n_layers: usize,
+    ) -> Result<Option<(Pass, usize)>> {
+        let spec = run.path.as_ref().expect("a path run");
+        let (Some(entry), [sender_hook]) = (spec.entry_hook(n_layers), run.hooks.as_slice()) else { return Ok(None) };
+        let sender = setup.hook_index(sender_hook);
+        let Some(patch) = pass.patches.iter().find(|x| x.hook == sender) else { return Ok(None) };
+        let base = &base_acts[sender];
+        // The sender's change, where the pass patches it from the source.
+        let change: Vec<f32> = patch
+            .value
+            .iter()
+            .zip(&base.data)
+            .zip(&patch.mask)
+            .map(|((v, b), &m)| if m { v - b } else { 0.0 })
+            .collect();
+        let e = setup.hook_index(&entry);
+        let d = base_acts[e].shape[1];
+        let moved: Vec<f32> = if sender_hook.ends_with("attn.hook_z") {
+            let layer = run.layers[0];
+            let Some(w) = self.w_o(layer, d)? else { return Ok(None) };
+            let width = w.len() / d;
+            change
+                .chunks(width)
+                .flat_map(|z| {
+                    let mut out = vec![0f32; d];
+                    for (k, &zk) in z.iter().enumerate().filter(|(_, z)| **z != 0.0) {
+                        for (o, &wk) in out.iter_mut().zip(&w[k * d..(k + 1) * d]) {
+                            *o += zk * wk;
+                        }
+                    }
+                    out
+                })
+                .collect()
+        } else {
+            change
+        };
+        let value: Vec<f32> = base_acts[e].data.iter().zip(&moved).map(|(b, m)| b + m).collect();
+        let start = segments::segment_of(&entry);
+        let mut patches: Vec<HookPatch> = pass
+            .patches
+            .iter()
+            .filter(|x| x.hook != e && segments::segment_of(&setup.hooks[x.hook].0) >= start)
+            .cloned()
+            .collect();
+        patches.push(HookPatch { hook: e, mask: vec![true; value.len()], value });
+        Ok(Some((Pass { ids: pass.ids.clone(), patches }, start)))
+    }
+
+    /// Layer `l`'s `W_O` (`[heads * d_head, d]`), read once from the model directory.
+    fn w_o(&mut self, l: usize, d: usize) -> Result<Option<&Vec<f32>>> {
+        if !self.w_o.contains_key(&l) {
+            if self.graph.is_none() {
+                self.graph = Some(crate::onnx::surgery::load(&self.dir.path.join(crate::model::ONNX_FILE))?);
+            }
+            let graph = self.graph.as_ref().expect("loaded above");
+            let name = format!("blocks.{l}.attn.W_O");
+            let w = crate::onnx::surgery::external_initializer(&self.dir.path, graph, &name)?;
+            let w = w.filter(|(shape, _)| shape.len() == 2 && shape[1] == d).map(|(_, data)| data);
+            self.w_o.insert(l, w);
+        }
+        Ok(self.w_o[&l].as_ref())
+    }
 }
 
 /// A segments row of `pass` entering at segment `start`: its patches from there on (the base
