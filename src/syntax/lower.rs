@@ -355,18 +355,7 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
     for opt in inner {
         let span = ctx.span(&opt);
         match opt.as_rule() {
-            Rule::layers => patch.layers = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
-            Rule::heads => patch.heads = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
-            Rule::positions => {
-                let p = no_kw(opt).next().unwrap();
-                let sel = match p.as_rule() {
-                    Rule::all => PositionSel::All,
-                    Rule::each => PositionSel::Each,
-                    Rule::pos_list => PositionSel::List(p.into_inner().map(|q| convert_position(ctx, q)).collect()),
-                    _ => PositionSel::List(vec![convert_position(ctx, p)]),
-                };
-                patch.positions = Some(Spanned::new(sel, span));
-            }
+            Rule::layers | Rule::heads | Rule::positions => target_selection(ctx, opt, &mut patch),
             Rule::window => {
                 let p = no_kw(opt).next().unwrap();
                 let ws = match p.as_rule() {
@@ -389,6 +378,25 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
     patch
 }
 
+/// `layers`, `heads` or `positions` of a patch target (or of a path's senders).
+fn target_selection(ctx: &Ctx, opt: Pair<Rule>, patch: &mut Patch) {
+    let span = ctx.span(&opt);
+    match opt.as_rule() {
+        Rule::layers => patch.layers = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
+        Rule::heads => patch.heads = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
+        _ => {
+            let p = no_kw(opt).next().unwrap();
+            let sel = match p.as_rule() {
+                Rule::all => PositionSel::All,
+                Rule::each => PositionSel::Each,
+                Rule::pos_list => PositionSel::List(p.into_inner().map(|q| convert_position(ctx, q)).collect()),
+                _ => PositionSel::List(vec![convert_position(ctx, p)]),
+            };
+            patch.positions = Some(Spanned::new(sel, span));
+        }
+    }
+}
+
 /// A `path` statement: a patch target (its senders) with a receiver and what is frozen.
 fn convert_path<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
     let name = ctx.ident(inner.next().unwrap());
@@ -409,18 +417,7 @@ fn convert_path<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) 
     for opt in inner {
         let span = ctx.span(&opt);
         match opt.as_rule() {
-            Rule::layers => patch.layers = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
-            Rule::heads => patch.heads = Some(convert_selection(ctx, no_kw(opt).next().unwrap())),
-            Rule::positions => {
-                let p = no_kw(opt).next().unwrap();
-                let sel = match p.as_rule() {
-                    Rule::all => PositionSel::All,
-                    Rule::each => PositionSel::Each,
-                    Rule::pos_list => PositionSel::List(p.into_inner().map(|q| convert_position(ctx, q)).collect()),
-                    _ => PositionSel::List(vec![convert_position(ctx, p)]),
-                };
-                patch.positions = Some(Spanned::new(sel, span));
-            }
+            Rule::layers | Rule::heads | Rule::positions => target_selection(ctx, opt, &mut patch),
             Rule::receiver => {
                 let r = opt.into_inner().next().unwrap();
                 let kind = match r.as_rule() {
