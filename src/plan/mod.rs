@@ -276,8 +276,8 @@ fn captures(patches: &[PatchRun], corruption: &CorruptionKind, n_layers: usize) 
     hooks
 }
 
-/// Activation cache of one variant: the source run's activations at every patched hook, for
-/// every prompt (and noise sample when the source is the noised run), 4 bytes per value.
+/// Activation cache of one variant: the source run's activations at every patched hook (and
+/// every hook a path run freezes, reads or enters at), for every prompt (and noise sample when the source is the noised run), 4 bytes per value.
 fn cache_estimate(exp: &Experiment, ds: &Dataset, patches: &[PatchRun], c: &Corruption, dir: Direction) -> u64 {
     let seq = ds.max_len() as u64;
     let n = ds.prompts.len() as u64;
@@ -287,7 +287,10 @@ fn cache_estimate(exp: &Experiment, ds: &Dataset, patches: &[PatchRun], c: &Corr
         (_, CorruptionKind::Ablation { kind: AblationKind::Mean, .. }) => 0,
         _ => 1,
     };
-    let mut hooks: Vec<&String> = patches.iter().flat_map(|p| p.hooks.iter()).collect();
+    let n_layers = exp.model.manifest.config.n_layers;
+    let path_hooks: Vec<String> =
+        patches.iter().filter_map(|p| p.path.as_ref()).flat_map(|path| path.hooks(n_layers)).collect();
+    let mut hooks: Vec<&String> = patches.iter().flat_map(|p| p.hooks.iter()).chain(&path_hooks).collect();
     hooks.sort();
     hooks.dedup();
     let mut per_prompt = 0u64;
