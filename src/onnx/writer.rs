@@ -104,9 +104,14 @@ pub fn value_info(name: &str, elem_type: i32, dims: &[crate::model::Dim]) -> Val
 
 /// A float tensor of any shape (a graph input or output whose shape ONNX Runtime infers).
 pub fn float_of_any_shape(name: &str) -> ValueInfoProto {
+    of_any_shape(name, data_type::FLOAT)
+}
+
+/// A tensor of element type `elem_type` (a `data_type`) and any shape.
+pub fn of_any_shape(name: &str, elem_type: i32) -> ValueInfoProto {
     ValueInfoProto {
         name: name.into(),
-        r#type: Some(TypeProto { tensor_type: Some(TypeProtoTensor { elem_type: data_type::FLOAT, shape: None }) }),
+        r#type: Some(TypeProto { tensor_type: Some(TypeProtoTensor { elem_type, shape: None }) }),
     }
 }
 

@@ -17,7 +17,7 @@ use crate::ir::experiment::MetricKind;
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelConfig, ModelDir};
 use crate::onnx::autodiff;
-use crate::onnx::proto::{data_type, GraphProto, ModelProto};
+use crate::onnx::proto::{data_type, ModelProto};
 use crate::run::engine::{self, Pass};
 use crate::run::graph;
 use crate::run::metrics::{self, Readout};
@@ -239,7 +239,8 @@ fn probe_shapes(
     device: Device,
 ) -> Result<HashMap<String, Vec<i64>>> {
     let g = model.graph.as_ref().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
-    let floats = float_tensors(g);
+    let floats: HashSet<String> =
+        autodiff::element_types(g).into_iter().filter(|(_, t)| *t == data_type::FLOAT).map(|(name, _)| name).collect();
     let mut probe = model.clone();
     let pg = probe.graph.as_mut().expect("cloned with its graph");
     let existing: HashSet<String> = pg.output.iter().map(|o| o.name.clone()).collect();
@@ -259,33 +260,6 @@ fn probe_shapes(
         }
     }
     Ok(shapes)
-}
-
-/// The tensors of `g` that hold floats, by propagating element types through its nodes.
-fn float_tensors(g: &GraphProto) -> HashSet<String> {
-    let mut types: HashMap<String, i32> = HashMap::new();
-    for i in &g.input {
-        let t = i.r#type.as_ref().and_then(|t| t.tensor_type.as_ref()).map_or(0, |t| t.elem_type);
-        types.insert(i.name.clone(), t);
-    }
-    for t in &g.initializer {
-        types.insert(t.name.clone(), t.data_type);
-    }
-    for n in &g.node {
-        let input = |i: usize| n.input.get(i).and_then(|x| types.get(x)).copied().unwrap_or(0);
-        let t = match n.op_type.as_str() {
-            "Shape" | "Size" | "NonZero" => data_type::INT64,
-            "Cast" => n.attribute.iter().find(|a| a.name == "to").map_or(0, |a| a.i as i32),
-            "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "And" | "Or" | "Not" => data_type::BOOL,
-            "Where" => input(1),
-            "ConstantOfShape" => data_type::FLOAT,
-            _ => input(0),
-        };
-        for o in &n.output {
-            types.insert(o.clone(), t);
-        }
-    }
-    types.into_iter().filter(|(_, t)| *t == data_type::FLOAT).map(|(name, _)| name).collect()
 }
 
 #[cfg(test)]
