@@ -338,20 +338,7 @@ fn convert_position(ctx: &Ctx, pair: Pair<Rule>) -> Spanned<Position> {
 }
 
 fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
-    let name = ctx.ident(inner.next().unwrap());
-    let hooks = inner.next().unwrap().into_inner().map(|h| ctx.ident(h)).collect();
-    let mut patch = Patch {
-        name,
-        hooks,
-        layers: None,
-        heads: None,
-        positions: None,
-        window: None,
-        summation: None,
-        estimate: None,
-        verify: None,
-        path: None,
-    };
+    let mut patch = target_named(ctx, &mut inner);
     for opt in inner {
         let span = ctx.span(&opt);
         match opt.as_rule() {
@@ -378,6 +365,24 @@ fn convert_patch<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>)
     patch
 }
 
+/// A patch target's (or a path's) name and hooks, the first two of `inner`; nothing selected yet.
+fn target_named<'i>(ctx: &Ctx, inner: &mut impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
+    let name = ctx.ident(inner.next().unwrap());
+    let hooks = inner.next().unwrap().into_inner().map(|h| ctx.ident(h)).collect();
+    Patch {
+        name,
+        hooks,
+        layers: None,
+        heads: None,
+        positions: None,
+        window: None,
+        summation: None,
+        estimate: None,
+        verify: None,
+        path: None,
+    }
+}
+
 /// `layers`, `heads` or `positions` of a patch target (or of a path's senders).
 fn target_selection(ctx: &Ctx, opt: Pair<Rule>, patch: &mut Patch) {
     let span = ctx.span(&opt);
@@ -399,20 +404,7 @@ fn target_selection(ctx: &Ctx, opt: Pair<Rule>, patch: &mut Patch) {
 
 /// A `path` statement: a patch target (its senders) with a receiver and what is frozen.
 fn convert_path<'i>(ctx: &Ctx, mut inner: impl Iterator<Item = Pair<'i, Rule>>) -> Patch {
-    let name = ctx.ident(inner.next().unwrap());
-    let hooks = inner.next().unwrap().into_inner().map(|h| ctx.ident(h)).collect();
-    let mut patch = Patch {
-        name,
-        hooks,
-        layers: None,
-        heads: None,
-        positions: None,
-        window: None,
-        summation: None,
-        estimate: None,
-        verify: None,
-        path: None,
-    };
+    let mut patch = target_named(ctx, &mut inner);
     let (mut receiver, mut freeze) = (None, None);
     for opt in inner {
         let span = ctx.span(&opt);
