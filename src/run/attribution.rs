@@ -16,8 +16,8 @@ use ort::value::Tensor as OrtTensor;
 use crate::ir::experiment::MetricKind;
 use crate::model::checkpoint::Tensor;
 use crate::model::{Dim, ModelConfig, ModelDir};
-use crate::onnx::autodiff;
 use crate::onnx::proto::{data_type, ModelProto};
+use crate::onnx::{autodiff, optional};
 use crate::run::engine::{self, Pass};
 use crate::run::graph;
 use crate::run::metrics::{self, Readout};
@@ -76,7 +76,7 @@ impl Gradients {
         let gates = if graddrop { add_layer_gates(&mut model, manifest, patchable_names)? } else { HashMap::new() };
         let forward_nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
         autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes, &gates)?;
-        autodiff::make_backward_optional(&mut model, forward_nodes, RUN_BACKWARD_INPUT)?;
+        optional::make_backward_optional(&mut model, forward_nodes, RUN_BACKWARD_INPUT)?;
         Ok(Gradients {
             session: runtime::session_from_proto(&model, &dir.path, device)?,
             patchable,
@@ -240,7 +240,7 @@ fn probe_shapes(
 ) -> Result<HashMap<String, Vec<i64>>> {
     let g = model.graph.as_ref().ok_or_else(|| anyhow!("ONNX model has no graph"))?;
     let floats: HashSet<String> =
-        autodiff::element_types(g).into_iter().filter(|(_, t)| *t == data_type::FLOAT).map(|(name, _)| name).collect();
+        optional::element_types(g).into_iter().filter(|(_, t)| *t == data_type::FLOAT).map(|(name, _)| name).collect();
     let mut probe = model.clone();
     let pg = probe.graph.as_mut().expect("cloned with its graph");
     let existing: HashSet<String> = pg.output.iter().map(|o| o.name.clone()).collect();
