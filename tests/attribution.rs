@@ -473,6 +473,73 @@ fn estimates_do_not_depend_on_batching() {
     assert!(compared > 100);
 }
 
+/// Ablations start from the clean run. A logit difference's gradient, known before the run, is
+/// taken in the clean run's own forward-and-backward pass; a probability's, which depends on
+/// the run's logits, in a backward pass after it. Both against the gradient session directly:
+/// per head, the mean over prompts of sum (0 - a_clean) dM/da at the clean run.
+#[test]
+fn zero_ablation_estimates_match_an_independent_computation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = experiment(
+        tmp.path(),
+        Architecture::Llama,
+        "corruption z = zero ablation\npatch atp = attn.hook_z layers all heads all by attribution\nmetric ld = logit_diff\nmetric p = prob",
+    );
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let outcome = patchbay::run::run(&exp, &Default::default()).unwrap();
+    let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
+    let config = &dir.manifest.config;
+    let hooks: Vec<String> = (0..config.n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+    let v = outcome.plan.variants.iter().position(|v| v.corruption == "z").unwrap();
+    let variant = &outcome.plan.variants[v];
+    let clean_ids: Vec<Vec<u32>> = variant.prompts.iter().map(|p| p.clean_ids.clone()).collect();
+    let ld = logit_diff_runs(&mut grads, variant, &clean_ids, None);
+    // d P(answer) / dz_j = p_j ([j = answer] - P(answer)), at the clean run's logits.
+    let prob_seeds: Vec<Seed> = variant
+        .prompts
+        .iter()
+        .zip(&ld)
+        .map(|(prompt, run)| {
+            let top = run.logits.iter().fold(f32::MIN, |m, &z| m.max(z)) as f64;
+            let e: Vec<f64> = run.logits.iter().map(|&z| (z as f64 - top).exp()).collect();
+            let total: f64 = e.iter().sum();
+            let answer = prompt.answer.ids()[0] as usize;
+            let p_answer = e[answer] / total;
+            let d_logits =
+                (0..e.len()).map(|j| (e[j] / total * ((j == answer) as u8 as f64 - p_answer)) as f32).collect();
+            Seed { d_logits, dropped_layer: None }
+        })
+        .collect();
+    let passes: Vec<Pass> = clean_ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
+    let prob = grads.run(&passes, Some(&prob_seeds)).unwrap();
+    let mut checked = 0;
+    for row in outcome.rows.iter().filter(|r| r.variant == v) {
+        let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
+        for (m, runs) in [&ld, &prob].into_iter().enumerate() {
+            let mut estimate = 0.0;
+            for run in runs {
+                let (a, g) = (&run.values[layer], &run.gradients[layer]);
+                let d_head = a.shape[2];
+                for (i, (a, g)) in a.data.iter().zip(&g.data).enumerate() {
+                    if (i / d_head) % config.n_heads == head {
+                        estimate -= *a as f64 * *g as f64;
+                    }
+                }
+            }
+            estimate /= runs.len() as f64;
+            let got = row.cells[m].estimate.unwrap();
+            assert!(
+                (got - estimate).abs() <= 1e-4 * (1.0 + estimate.abs()),
+                "{m} {}: {got} vs {estimate}",
+                row.component
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2 * config.n_layers * config.n_heads);
+}
+
 /// A variant's base and source token ids: the corrupted and clean prompts when denoising, the
 /// reverse when noising (token corruptions only).
 fn base_and_source_ids(variant: &patchbay::ir::plan::Variant) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {

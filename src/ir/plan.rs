@@ -53,6 +53,13 @@ pub struct Variant {
     pub counts: Counts,
 }
 
+impl Variant {
+    /// Whether patches start from the clean runs (noising, ablations) or the corrupted ones.
+    pub fn base_is_clean(&self) -> bool {
+        self.direction == Direction::Noise || matches!(self.corruption_kind, CorruptionKind::Ablation { .. })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PlannedPrompt {
     pub clean_text: String,

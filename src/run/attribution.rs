@@ -2,10 +2,15 @@
 //! graph with its backward pass appended ([`crate::onnx::autodiff`]), in one session whose
 //! run returns the final position's logits, the hooks' values and their gradients.
 //!
-//! The backward pass starts from dM/d(logits), which the caller computes from the run's own
-//! logits (see [`metric_gradient`]): a run is one forward pass to read the logits (the cached
-//! base run's, which skips the backward nodes: they sit in an `If` branch), then one forward
-//! and backward pass.
+//! The backward pass starts from dM/d(logits) (see [`metric_gradient`]). A logit difference's
+//! is the same whatever the logits, so the base run's own pass computes it, forward and
+//! backward at once. Other metrics' depend on the base run's logits: the cached base run is a
+//! forward pass (which skips the backward nodes: they sit in `If` branches), then one forward
+//! and backward pass per metric.
+//!
+//! Without AtP*'s GradDrop the session does not prepack weights ([`Runs::Few`]): it runs one
+//! pass per base run and metric, and packing every weight twice (for the forward product and
+//! the backward pass's product with its transpose) would cost more than it saves.
 
 use std::collections::{HashMap, HashSet};
 
@@ -21,7 +26,7 @@ use crate::onnx::{autodiff, optional};
 use crate::run::engine::{self, Pass};
 use crate::run::graph;
 use crate::run::metrics::{self, Readout};
-use crate::runtime::{self, Device};
+use crate::runtime::{self, Device, Runs};
 
 pub struct Gradients {
     session: Session,
@@ -77,8 +82,10 @@ impl Gradients {
         let forward_nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
         autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes, &gates)?;
         optional::make_backward_optional(&mut model, forward_nodes, RUN_BACKWARD_INPUT)?;
+        // GradDrop makes a backward pass per layer and base run: prepacking then pays.
+        let runs = if graddrop { Runs::Many } else { Runs::Few };
         Ok(Gradients {
-            session: runtime::session_from_proto(&model, &dir.path, device)?,
+            session: runtime::session_for_runs(&model, &dir.path, device, runs)?,
             patchable,
             hooks: hooks.iter().map(shape_of).collect::<Result<_>>()?,
             tensors,
@@ -188,11 +195,33 @@ fn add_layer_gates(
     Ok(gates)
 }
 
+/// Whether a metric's dM/d(logits) is the same whatever the logits (a logit difference's), so
+/// it is known before the run it is taken at.
+pub fn constant_gradient(kind: MetricKind) -> bool {
+    kind == MetricKind::LogitDiff
+}
+
+/// dM/d(logits) of a logit difference over a vocabulary of `vocab`: +1 at the answers, -1 at
+/// the wrong answers.
+pub fn logit_diff_gradient(vocab: usize, r: &Readout) -> Vec<f64> {
+    let mut d = vec![0.0; vocab];
+    r.answer.iter().for_each(|&i| d[i as usize] += 1.0);
+    r.wrong
+        .as_deref()
+        .expect("the checker requires `wrong` for this metric")
+        .iter()
+        .for_each(|&i| d[i as usize] -= 1.0);
+    d
+}
+
 /// dM/d(logits) of a metric at the final position, in f64 (see [`metrics::value`]); `logits`
 /// are the whole vocabulary's.
 pub fn metric_gradient(kind: MetricKind, logits: &[f32], r: &Readout) -> Vec<f64> {
-    let log_probs = metrics::log_probs(logits);
-    let p: Vec<f64> = log_probs.iter().map(|lp| lp.exp()).collect();
+    // The probabilities, which every metric but a logit difference's gradient reads.
+    let p: Vec<f64> = match kind {
+        MetricKind::LogitDiff => vec![],
+        _ => metrics::log_probs(logits).iter().map(|lp| lp.exp()).collect(),
+    };
     let wrong = || r.wrong.as_deref().expect("the checker requires `wrong` for this metric");
     // d P(set) / dz_j = p_j [j in set] - P(set) p_j
     let d_prob = |ids: &[u32]| -> Vec<f64> {
@@ -204,12 +233,7 @@ pub fn metric_gradient(kind: MetricKind, logits: &[f32], r: &Readout) -> Vec<f64
         d
     };
     match kind {
-        MetricKind::LogitDiff => {
-            let mut d = vec![0.0; logits.len()];
-            r.answer.iter().for_each(|&i| d[i as usize] += 1.0);
-            wrong().iter().for_each(|&i| d[i as usize] -= 1.0);
-            d
-        }
+        MetricKind::LogitDiff => logit_diff_gradient(logits.len(), r),
         MetricKind::Prob => d_prob(&r.answer),
         MetricKind::ProbDiff => d_prob(&r.answer).iter().zip(d_prob(wrong())).map(|(a, b)| a - b).collect(),
         // d log P(set) / dz_j = p_j [j in set] / P(set) - p_j
@@ -249,7 +273,7 @@ fn probe_shapes(
             pg.output.push(crate::onnx::writer::float_of_any_shape(o));
         }
     }
-    let mut session = runtime::session_from_proto(&probe, &dir.path, device)?;
+    let mut session = runtime::session_for_runs(&probe, &dir.path, device, Runs::One)?;
     let passes: Vec<Pass> = (0..2).map(|_| Pass { ids: vec![0, 1, 2], patches: vec![] }).collect();
     let (_, inputs) = engine::inputs(patchable, &passes)?;
     let result = session.run(inputs).map_err(|e| anyhow!("ONNX Runtime run failed (shape probe): {e}"))?;

@@ -13,17 +13,20 @@
 //! fix (a patch of queries or keys changes the attention pattern, which is recomputed exactly,
 //! and only what follows the pattern is linearised).
 
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use anyhow::{anyhow, bail, Result};
 
 use crate::ir::experiment::Method;
 use crate::model::attention;
 use crate::model::checkpoint::Tensor;
 use crate::model::ModelConfig;
-use crate::run::attribution::{metric_gradient, Gradients, Seed};
+use crate::run::attribution::{constant_gradient, logit_diff_gradient, metric_gradient, Gradients, Seed};
 use crate::run::engine::{HookPatch, Output, Pass};
-use crate::run::execute::{base_logits, cached_runs, Forward};
+use crate::run::execute::{base_logits, cached_runs_by, Forward};
 use crate::run::metrics::Readout;
-use crate::run::passes::{Setup, VariantValues, Work};
+use crate::run::passes::{RunKey, Setup, VariantValues, Work};
 use crate::run::readout::Logits;
 
 impl Forward for Gradients {
@@ -40,7 +43,6 @@ impl Forward for Gradients {
 /// Every patch run's metrics estimated by attribution patching (AtP, or AtP* for runs whose
 /// method says so), `rows` passes per call.
 pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<VariantValues> {
-    let runs = cached_runs(setup, model, rows)?;
     let (n, samples, n_metrics) = (setup.variant.prompts.len(), setup.samples(), setup.metrics.len());
     // The backward passes each base run needs: the plain gradient for AtP, and one per dropped
     // layer for AtP*'s GradDrop.
@@ -57,19 +59,41 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
         }
         drops.extend((0..n_layers).map(Some));
     }
-    let mut jobs: Vec<(usize, usize, usize, usize)> = vec![];
-    for p in 0..n {
-        for s in 0..samples {
-            for m in 0..n_metrics {
-                jobs.extend((0..drops.len()).map(|d| (p, s, m, d)));
+    let plain = drops.iter().position(Option::is_none);
+    // Metrics whose plain gradient is known before the run (logit differences): it is taken in
+    // the base run's own pass, forward and backward at once, not in a pass of its own.
+    let early: Vec<usize> = match plain {
+        Some(_) => (0..n_metrics).filter(|&m| constant_gradient(setup.metrics[m].kind)).collect(),
+        None => vec![],
+    };
+    let mut work = Work::default();
+    let mut early_gradients: HashMap<RunKey, Rc<Vec<Tensor>>> = HashMap::new();
+    let runs = cached_runs_by(setup, |keys, passes| {
+        let mut out = Vec::with_capacity(passes.len());
+        for (keys, chunk) in keys.chunks(rows.max(1)).zip(passes.chunks(rows.max(1))) {
+            if early.is_empty() || keys.iter().any(|k| k.sample.is_none() != setup.variant.base_is_clean()) {
+                out.extend(model.forward(chunk, true)?);
+                continue;
+            }
+            let seeds: Vec<Seed> = keys
+                .iter()
+                .map(|k| {
+                    let d_logits = logit_diff_gradient(model.vocab(), &readout(setup, k.prompt, &[]));
+                    Seed { d_logits: d_logits.iter().map(|&x| x as f32).collect(), dropped_layer: None }
+                })
+                .collect();
+            work.backward_passes += chunk.len() as u64;
+            for (key, run) in keys.iter().zip(model.run(chunk, Some(&seeds))?) {
+                early_gradients.insert(*key, Rc::new(run.gradients));
+                out.push(Output { logits: Logits::vocabulary(run.logits), captures: run.values, boundaries: vec![] });
             }
         }
-    }
-    let plain = drops.iter().position(Option::is_none);
+        Ok(out)
+    })?;
     let dropped: Vec<usize> = (0..drops.len()).filter(|&d| drops[d].is_some()).collect();
     let qk = QkFix::new(&setup.hooks, model.config().clone());
     // Every run's estimates for base run (p, s), from its gradients `[metric][drop]`.
-    let estimate = |p: usize, s: usize, gradients: &[Vec<Vec<Tensor>>]| -> Result<Vec<Vec<f64>>> {
+    let estimate = |p: usize, s: usize, gradients: &BaseGradients| -> Result<Vec<Vec<f64>>> {
         let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
         let base_values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
         let mut out = vec![];
@@ -114,11 +138,39 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     };
     // [run][prompt][sample] -> every metric's estimate
     let mut estimates: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    // The gradients of base runs whose backward passes are not all done yet, `[metric][drop]`:
-    // a base run's are used and dropped as soon as it has them all, so memory does not grow
-    // with the prompts times the dropped layers.
-    let mut pending: std::collections::HashMap<(usize, usize), Vec<Vec<Vec<Tensor>>>> = Default::default();
-    let mut work = Work::default();
+    let mut settle = |p: usize, s: usize, gradients: &BaseGradients| -> Result<()> {
+        for (r, values) in estimate(p, s, gradients)?.into_iter().enumerate() {
+            estimates[r][p][s] = values;
+        }
+        Ok(())
+    };
+    // Per base run (p, s): its gradients `[metric][drop]` and how many backward passes it
+    // still needs. A base run's are used and dropped as soon as it has them all, so memory
+    // does not grow with the prompts times the dropped layers.
+    let mut pending: HashMap<(usize, usize), (BaseGradients, usize)> = HashMap::new();
+    let mut jobs: Vec<(usize, usize, usize, usize)> = vec![];
+    for p in 0..n {
+        for s in 0..samples {
+            let mut gradients: BaseGradients = vec![vec![Rc::default(); drops.len()]; n_metrics];
+            let mut left = 0;
+            for (m, per_drop) in gradients.iter_mut().enumerate() {
+                for (d, gradient) in per_drop.iter_mut().enumerate() {
+                    match early_gradients.get(&setup.base_key(p, s)) {
+                        Some(g) if Some(d) == plain && early.contains(&m) => *gradient = g.clone(),
+                        _ => {
+                            jobs.push((p, s, m, d));
+                            left += 1;
+                        }
+                    }
+                }
+            }
+            match left {
+                0 => settle(p, s, &gradients)?,
+                _ => drop(pending.insert((p, s), (gradients, left))),
+            }
+        }
+    }
+    drop(early_gradients);
     // dM/d(logits) of the last (prompt, sample, metric): the same for each of its dropped layers.
     let mut last_seed: Option<((usize, usize, usize), Vec<f32>)> = None;
     for chunk in jobs.chunks(rows.max(1)) {
@@ -129,13 +181,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             if last_seed.as_ref().is_none_or(|(key, _)| *key != (p, s, m)) {
                 let logits =
                     base_logits(&runs, setup, p, s).full().expect("the gradient session unembeds the vocabulary");
-                let prompt = &setup.variant.prompts[p];
-                let readout = Readout {
-                    answer: prompt.answer.ids(),
-                    wrong: prompt.wrong.as_ref().map(|w| w.ids()),
-                    clean_log_probs: &runs.clean_lp[p],
-                };
-                let d_logits = metric_gradient(setup.metrics[m].kind, logits, &readout);
+                let d_logits = metric_gradient(setup.metrics[m].kind, logits, &readout(setup, p, &runs.clean_lp[p]));
                 last_seed = Some(((p, s, m), d_logits.iter().map(|&x| x as f32).collect()));
             }
             let d_logits = last_seed.as_ref().expect("set above").1.clone();
@@ -144,14 +190,12 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             passes.push(base);
         }
         for (&(p, s, m, d), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
-            let gradients = pending.entry((p, s)).or_insert_with(|| vec![vec![vec![]; drops.len()]; n_metrics]);
-            gradients[m][d] = run.gradients;
-            // Jobs run in (prompt, sample, metric, drop) order: this is the base run's last.
-            if m + 1 == n_metrics && d + 1 == drops.len() {
-                let gradients = pending.remove(&(p, s)).expect("inserted above");
-                for (r, values) in estimate(p, s, &gradients)?.into_iter().enumerate() {
-                    estimates[r][p][s] = values;
-                }
+            let (gradients, left) = pending.get_mut(&(p, s)).expect("a job's base run is pending");
+            gradients[m][d] = Rc::new(run.gradients);
+            *left -= 1;
+            if *left == 0 {
+                let (gradients, _) = pending.remove(&(p, s)).expect("found above");
+                settle(p, s, &gradients)?;
             }
         }
     }
@@ -160,6 +204,16 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     values.estimates = values.patched.iter().cloned().map(Some).collect();
     Ok(values)
 }
+
+/// What prompt `p`'s metrics read, with `clean_log_probs` (for `kl`).
+fn readout<'a>(setup: &Setup, p: usize, clean_log_probs: &'a [f64]) -> Readout<'a> {
+    let prompt = &setup.variant.prompts[p];
+    Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(|w| w.ids()), clean_log_probs }
+}
+
+/// A base run's gradients, `[metric][drop]` -> per hook (shared where one backward pass serves
+/// several metrics).
+type BaseGradients = Vec<Vec<Rc<Vec<Tensor>>>>;
 
 /// The hooks AtP*'s QK fix reads besides the patched ones: for every layer whose queries or
 /// keys `runs` patch, its queries, keys and attention pattern.

@@ -21,7 +21,7 @@ use crate::model::EMBED_HOOK;
 use crate::run::cache::BaseRun;
 use crate::run::engine::{Engine, HookPatch, Output, Pass};
 use crate::run::metrics;
-use crate::run::passes::{Runs, Setup, VariantValues, Work};
+use crate::run::passes::{RunKey, Runs, Setup, VariantValues, Work};
 use crate::run::readout::Logits;
 use crate::run::resume::VariantLog;
 use crate::run::segments::{self, Segments};
@@ -58,10 +58,20 @@ fn run_chunked(model: &mut dyn Forward, passes: &[Pass], rows: usize, capture: b
 
 /// Clean and corrupted runs, once per prompt (and sample), activations cached.
 pub(crate) fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -> Result<Runs> {
+    cached_runs_by(setup, |_, passes| run_chunked(model, passes, rows, true))
+}
+
+/// [`cached_runs`], each batch of passes (clean runs, then corrupted runs) computed by `run`,
+/// which is told which run each pass is and returns their outputs with captures.
+pub(crate) fn cached_runs_by(
+    setup: &Setup,
+    mut run: impl FnMut(&[RunKey], &[Pass]) -> Result<Vec<Output>>,
+) -> Result<Runs> {
     let n = setup.variant.prompts.len();
     let clean: Vec<Pass> = (0..n).map(|p| setup.clean_pass(p)).collect();
+    let clean_keys: Vec<RunKey> = (0..n).map(|prompt| RunKey { prompt, sample: None }).collect();
     let (mut clean_logits, mut clean_acts, mut clean_bounds) = (vec![], vec![], vec![]);
-    for out in run_chunked(model, &clean, rows, true)? {
+    for out in run(&clean_keys, &clean)? {
         clean_logits.push(out.logits);
         clean_acts.push(Arc::new(out.captures));
         clean_bounds.push(out.boundaries);
@@ -75,7 +85,10 @@ pub(crate) fn cached_runs(setup: &Setup, model: &mut dyn Forward, rows: usize) -
         corrupted_passes.push(passes.unwrap_or_default());
     }
     let flat: Vec<Pass> = corrupted_passes.iter().flatten().cloned().collect();
-    let mut results = run_chunked(model, &flat, rows, true)?.into_iter();
+    let keys: Vec<RunKey> = (corrupted_passes.iter().enumerate())
+        .flat_map(|(prompt, passes)| (0..passes.len()).map(move |s| RunKey { prompt, sample: Some(s) }))
+        .collect();
+    let mut results = run(&keys, &flat)?.into_iter();
     let (mut corrupted_logits, mut corrupted_acts, mut corrupted_bounds) = (vec![], vec![], vec![]);
     for passes in &corrupted_passes {
         let (mut l, mut a, mut b) = (vec![], vec![], vec![]);

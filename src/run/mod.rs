@@ -238,7 +238,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
         }
         if exact.is_empty() {
             shortcuts.push(None);
-            let values = merge(full_variant.patches.len(), None, estimates, paths);
+            let values = merge(full_variant, None, estimates, paths);
             work += values.work;
             tasks.push(values.task.clone());
             let variant_rows = results::rows(&plan, v, &values);
@@ -297,7 +297,7 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                 }
             }
         };
-        let values = merge(full_variant.patches.len(), Some((exact, values)), estimates, paths);
+        let values = merge(full_variant, Some((exact, values)), estimates, paths);
         work += values.work;
         tasks.push(values.task.clone());
         let variant_rows = results::rows(&plan, v, &values);
@@ -408,12 +408,17 @@ fn verify_top(variant: &plan::Variant, estimated: &[usize], values: &VariantValu
 
 /// One variant's values from the exactly patched runs and the estimated ones (indices into the
 /// variant's runs, with the values computed on that subset).
+///
+/// An estimate is its base run's metric plus a first-order change. With exact runs, the rows
+/// report the exact path's clean and corrupted metrics, so each estimate's change is carried
+/// onto them: a patch that changes nothing is 0 whichever session computed the base run.
 fn merge(
-    n_runs: usize,
+    variant: &plan::Variant,
     exact: Option<(Vec<usize>, VariantValues)>,
     estimated: Option<(Vec<usize>, VariantValues)>,
     paths: Option<(Vec<usize>, VariantValues)>,
 ) -> VariantValues {
+    let n_runs = variant.patches.len();
     let base = exact.as_ref().or(estimated.as_ref()).or(paths.as_ref()).map(|(_, v)| v);
     let base = base.expect("a variant measures some runs");
     let mut merged = VariantValues {
@@ -424,9 +429,23 @@ fn merge(
         ..base.clone()
     };
     if let Some((runs, values)) = &estimated {
+        // [metric][prompt]: the base runs' metrics behind the estimates, and the rows'.
+        let base_of = |v: &VariantValues| match (variant.base_is_clean(), &v.corrupted) {
+            (false, Some(corrupted)) => corrupted.clone(),
+            _ => v.clean.clone(),
+        };
+        let rebase = exact.is_some().then(|| (base_of(values), base_of(&merged)));
         for (i, &r) in runs.iter().enumerate() {
-            merged.patched[r] = values.patched[i].clone();
-            merged.estimates[r] = Some(values.patched[i].clone());
+            let mut patched = values.patched[i].clone();
+            if let Some((own, reported)) = &rebase {
+                for (m, prompts) in patched.iter_mut().enumerate() {
+                    for (p, value) in prompts.iter_mut().enumerate() {
+                        *value = reported[m][p] + (*value - own[m][p]);
+                    }
+                }
+            }
+            merged.estimates[r] = Some(patched.clone());
+            merged.patched[r] = patched;
         }
         merged.work += values.work;
     }

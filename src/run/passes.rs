@@ -219,6 +219,14 @@ fn head_axis(dims: &[Dim]) -> Option<usize> {
     (unbatched.len() == 3).then(|| unbatched.iter().position(|d| matches!(d, Dim::Fixed(_)))).flatten()
 }
 
+/// Which cached run a pass is: prompt `prompt`'s clean run (`sample: None`) or its corrupted
+/// run `sample`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RunKey {
+    pub(crate) prompt: usize,
+    pub(crate) sample: Option<usize>,
+}
+
 /// The cached clean and corrupted runs of a variant.
 pub(crate) struct Runs {
     pub(crate) clean_logits: Vec<Logits>,
@@ -271,6 +279,11 @@ impl Setup<'_> {
                 Ok(Tensor::new(first.shape.clone(), sum.into_iter().map(|s| (s / n) as f32).collect()))
             })
             .collect()
+    }
+
+    /// The run a patch of prompt `p`, sample `s` starts from (see [`Setup::base_and_source`]).
+    pub(crate) fn base_key(&self, p: usize, s: usize) -> RunKey {
+        RunKey { prompt: p, sample: (!self.variant.base_is_clean()).then_some(s) }
     }
 
     /// The base pass, its activations at every hook, and the source activations a patch
