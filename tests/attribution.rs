@@ -231,17 +231,10 @@ fn estimates_match_an_independent_computation() {
         let n_heads = dir.manifest.config.n_heads;
         for row in outcome.rows.iter().filter(|r| r.variant == v && r.target == "atp") {
             let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
-            let mut estimate = 0.0;
-            for (b, s) in base.iter().zip(&source) {
-                let (a, g, src) = (&b.values[layer], &b.gradients[layer], &source_of(s, layer));
-                let d_head = a.shape[2];
-                for (i, ((a, g), src)) in a.data.iter().zip(&g.data).zip(src.iter()).enumerate() {
-                    if (i / d_head) % n_heads == head {
-                        estimate += (src - a) as f64 * *g as f64;
-                    }
-                }
-            }
-            estimate /= base.len() as f64;
+            let estimate = (base.iter().zip(&source))
+                .map(|(b, s)| head_change(b, layer, &source_of(s, layer), head, n_heads))
+                .sum::<f64>()
+                / base.len() as f64;
             let got = row.cells[0].estimate.unwrap();
             assert!(
                 (got - estimate).abs() <= 1e-4 * (1.0 + estimate.abs()),
@@ -296,13 +289,7 @@ fn atp_star_matches_an_independent_graddrop_computation() {
             let mut score = 0.0;
             for (p, s) in source.iter().enumerate() {
                 let per_layer = |runs: &[patchbay::run::attribution::Run]| -> f64 {
-                    let (a, g) = (&runs[p].values[layer], &runs[p].gradients[layer]);
-                    let d_head = a.shape[2];
-                    (a.data.iter().zip(&g.data).zip(&s.values[layer].data))
-                        .enumerate()
-                        .filter(|(i, _)| (i / d_head) % n_heads == head)
-                        .map(|(_, ((a, g), src))| (src - a) as f64 * *g as f64)
-                        .sum()
+                    head_change(&runs[p], layer, &s.values[layer].data, head, n_heads)
                 };
                 score += by_layer.iter().map(|runs| per_layer(runs).abs()).sum::<f64>() / (n_layers - 1) as f64;
             }
@@ -517,17 +504,9 @@ fn zero_ablation_estimates_match_an_independent_computation() {
     for row in outcome.rows.iter().filter(|r| r.variant == v) {
         let (layer, head) = (row.layer.unwrap(), row.head.unwrap());
         for (m, runs) in [&ld, &prob].into_iter().enumerate() {
-            let mut estimate = 0.0;
-            for run in runs {
-                let (a, g) = (&run.values[layer], &run.gradients[layer]);
-                let d_head = a.shape[2];
-                for (i, (a, g)) in a.data.iter().zip(&g.data).enumerate() {
-                    if (i / d_head) % config.n_heads == head {
-                        estimate -= *a as f64 * *g as f64;
-                    }
-                }
-            }
-            estimate /= runs.len() as f64;
+            let zeros = vec![0.0; runs[0].values[layer].data.len()];
+            let estimate = runs.iter().map(|run| head_change(run, layer, &zeros, head, config.n_heads)).sum::<f64>()
+                / runs.len() as f64;
             let got = row.cells[m].estimate.unwrap();
             assert!(
                 (got - estimate).abs() <= 1e-4 * (1.0 + estimate.abs()),
@@ -578,6 +557,24 @@ fn logit_diff_runs(
         })
         .collect();
     grads.run(&passes, Some(&seeds)).unwrap()
+}
+
+/// sum over head `head`'s activations in layer `layer`'s `attn.hook_z` (hook `layer`) of
+/// (source - a_base) dM/da, at base run `base`.
+fn head_change(
+    base: &patchbay::run::attribution::Run,
+    layer: usize,
+    source: &[f32],
+    head: usize,
+    n_heads: usize,
+) -> f64 {
+    let (a, g) = (&base.values[layer], &base.gradients[layer]);
+    let d_head = a.shape[2];
+    (a.data.iter().zip(&g.data).zip(source))
+        .enumerate()
+        .filter(|(i, _)| (i / d_head) % n_heads == head)
+        .map(|(_, ((a, g), src))| (src - a) as f64 * *g as f64)
+        .sum()
 }
 
 fn source_of(run: &patchbay::run::attribution::Run, layer: usize) -> Vec<f32> {
