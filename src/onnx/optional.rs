@@ -10,8 +10,9 @@ use super::proto::{data_type, ModelProto, NodeProto, TensorProto};
 
 /// How many `If` nodes hold the backward pass. ONNX Runtime plans each branch's memory on its
 /// own, and its planner's time grows faster than a graph: on SmolLM2's gradient graph one
-/// branch took 3.2 s to set up, four 1.7 s (README, "Attribution patching against exact
-/// patching").
+/// branch took 3.2 s to set up, four 1.7 s (with weight prepacking); AtP on W1 took 4.9 s with
+/// one branch, 3.4 s with four, and no less with eight (README, "Attribution patching against
+/// exact patching").
 const BACKWARD_BRANCHES: usize = 4;
 
 /// Put the backward nodes (every node after the first `forward_nodes`) in the branches of
