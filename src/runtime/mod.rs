@@ -231,8 +231,8 @@ pub enum Runs {
     Many,
     /// A few large ones, e.g. attribution's gradient session (one forward-and-backward pass per
     /// base run): without prepacking, which would copy every weight twice (for the forward
-    /// product and the backward pass's product with its transpose). On SmolLM2 it took 1.1 s
-    /// of the session's 1.5 s set-up and saved about 0.35 s over 96 passes of 48 prompts.
+    /// product and the backward pass's product with its transpose). On SmolLM2, prepacking
+    /// took 1.1 s of that session's 1.5 s set-up and saved about 0.35 s over its 96 passes.
     Few,
     /// One small run, e.g. a shape probe: neither optimisations nor prepacking.
     One,
