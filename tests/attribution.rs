@@ -9,7 +9,7 @@ use patchbay::model::{reference, Architecture, ModelDir};
 use patchbay::run::attribution::{Gradients, Seed};
 use patchbay::run::engine::{Engine, HookPatch, Pass};
 use patchbay::run::graph::Unembed;
-use patchbay::runtime::Device;
+use patchbay::runtime::{Device, Runs};
 use patchbay::test_support::synth::{self, WeightDtype};
 
 fn tiny_model(dir: &Path, arch: Architecture) -> ModelDir {
@@ -46,7 +46,7 @@ fn gradients_match_finite_differences(arch: Architecture) {
     let vocab = dir.manifest.config.vocab_size;
     let ids = [vec![1u32, 5, 9, 3, 7], vec![2u32, 4, 8]];
     let seeds: Vec<Vec<f32>> = (0..ids.len()).map(|i| noise(100 + i as u64, vocab)).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Runs::Few, Device::Cpu).unwrap();
     let passes: Vec<Pass> = ids.iter().map(|ids| Pass { ids: ids.clone(), patches: vec![] }).collect();
     let runs = grads.run(&passes, Some(&plain(&seeds))).unwrap();
     let mut worst = (0.0f64, String::new());
@@ -101,7 +101,7 @@ fn graddrop_gradients_match_frozen_layer_differences(arch: Architecture) {
     let vocab = dir.manifest.config.vocab_size;
     let ids = vec![1u32, 5, 9, 3, 7];
     let seed = noise(41, vocab);
-    let mut grads = Gradients::new(&dir, &[], &hooks, true, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, true, Runs::Few, Device::Cpu).unwrap();
     let mut checked = 0;
     for dropped in [0, dir.manifest.config.n_layers / 2] {
         let seeds = [Seed { d_logits: seed.clone(), dropped_layer: Some(dropped) }];
@@ -197,7 +197,7 @@ fn estimates_match_an_independent_computation() {
     let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
     let n_layers = dir.manifest.config.n_layers;
     let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Runs::Few, Device::Cpu).unwrap();
     let vocab = dir.manifest.config.vocab_size;
     let mut checked = 0;
     for (v, variant) in outcome.plan.variants.iter().enumerate() {
@@ -277,7 +277,7 @@ fn atp_star_matches_an_independent_graddrop_computation() {
     let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
     let (n_layers, n_heads) = (dir.manifest.config.n_layers, dir.manifest.config.n_heads);
     let hooks: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, true, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, true, Runs::Few, Device::Cpu).unwrap();
     let mut checked = 0;
     for (v, variant) in outcome.plan.variants.iter().enumerate() {
         let (base_ids, source_ids) = base_and_source_ids(variant);
@@ -347,7 +347,7 @@ fn atp_star_qk_fix_matches_the_graphs_own_pattern() {
         let config = &dir.manifest.config;
         let n_layers = config.n_layers;
         let patterns: Vec<String> = (0..n_layers).map(|l| format!("blocks.{l}.attn.hook_pattern")).collect();
-        let mut grads = Gradients::new(&dir, &[], &patterns, true, Device::Cpu).unwrap();
+        let mut grads = Gradients::new(&dir, &[], &patterns, true, Runs::Few, Device::Cpu).unwrap();
         let (mut checked, mut largest_fix) = (0, 0.0f64);
         for (v, variant) in outcome.plan.variants.iter().enumerate() {
             let (base_ids, source_ids) = base_and_source_ids(variant);
@@ -445,6 +445,16 @@ fn estimates_do_not_depend_on_batching() {
     };
     let (batched, one_by_one) = (run(1 << 30), run(1));
     assert_eq!(batched.len(), one_by_one.len());
+    // Position 0 comes before S2: its patches change nothing, so their effect is exactly 0, even
+    // beside verified rows whose clean and corrupted metrics another session computed.
+    let first: Vec<_> =
+        batched.iter().chain(&one_by_one).filter(|r| r.target == "star" && r.position == Some(0)).collect();
+    assert!(!first.is_empty());
+    for row in first {
+        for cells in &row.cells {
+            assert_eq!(cells.estimate, Some(0.0), "{} {}", row.variant, row.component);
+        }
+    }
     let mut compared = 0;
     for (a, b) in batched.iter().zip(&one_by_one) {
         assert_eq!((&a.target, &a.component, a.method), (&b.target, &b.component, b.method));
@@ -477,7 +487,7 @@ fn zero_ablation_estimates_match_an_independent_computation() {
     let dir = ModelDir::open(&tmp.path().join("model")).unwrap();
     let config = &dir.manifest.config;
     let hooks: Vec<String> = (0..config.n_layers).map(|l| format!("blocks.{l}.attn.hook_z")).collect();
-    let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&dir, &[], &hooks, false, Runs::Few, Device::Cpu).unwrap();
     let v = outcome.plan.variants.iter().position(|v| v.corruption == "z").unwrap();
     let variant = &outcome.plan.variants[v];
     let clean_ids: Vec<Vec<u32>> = variant.prompts.iter().map(|p| p.clean_ids.clone()).collect();
@@ -517,6 +527,23 @@ fn zero_ablation_estimates_match_an_independent_computation() {
         }
     }
     assert_eq!(checked, 2 * config.n_layers * config.n_heads);
+}
+
+/// One backward pass per base run and metric kind: a logit difference's in the base run's own
+/// pass (every `logit_diff` metric shares it), another kind's after it, and when noising one
+/// for the clean run that every noise sample starts from.
+#[test]
+fn backward_passes_are_one_per_base_run_and_metric_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = experiment(
+        tmp.path(),
+        Architecture::Llama,
+        "corruption gn = noise on S2 samples 3 seed 7\npatch atp = attn.hook_z layers all heads all by attribution\nmetric ld = logit_diff\nmetric ldn = logit_diff normalized\nmetric p = prob\nmetric pn = prob normalized",
+    );
+    let exp = patchbay::check::check_file(&file, None).unwrap();
+    let outcome = patchbay::run::run(&exp, &Default::default()).unwrap();
+    // 3 prompts; base runs: s2_io 3 each way, gn 9 denoising (per sample) and 3 noising.
+    assert_eq!(outcome.work.backward_passes, 2 * (3 + 3 + 9 + 3));
 }
 
 /// A variant's base and source token ids: the corrupted and clean prompts when denoising, the
@@ -592,7 +619,7 @@ fn scaled_patches_converge_to_the_estimate() {
         let vocab = dir.manifest.config.vocab_size;
         let (base_ids, source_ids) = (vec![1u32, 5, 9, 3, 7], vec![1u32, 5, 4, 3, 7]);
         let seed = noise(5, vocab);
-        let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), false, Device::Cpu).unwrap();
+        let mut grads = Gradients::new(&dir, &[], std::slice::from_ref(&hook), false, Runs::Few, Device::Cpu).unwrap();
         let run = |grads: &mut Gradients, ids: &Vec<u32>| {
             grads
                 .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(&plain(std::slice::from_ref(&seed))))
@@ -639,7 +666,7 @@ fn gradients_match_the_reference_forward_pass() {
         hooks.sort();
         let ids = vec![1u32, 5, 9, 3, 7];
         let seed = noise(11, dir.manifest.config.vocab_size);
-        let mut grads = Gradients::new(&dir, &[], &hooks, false, Device::Cpu).unwrap();
+        let mut grads = Gradients::new(&dir, &[], &hooks, false, Runs::Few, Device::Cpu).unwrap();
         let run = grads
             .run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(&plain(std::slice::from_ref(&seed))))
             .unwrap();

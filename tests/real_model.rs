@@ -2,7 +2,7 @@
 //! run through ONNX Runtime reproduces reference values computed independently with Hugging Face
 //! transformers on the same GGUF in fp32. The first run fetches ONNX Runtime and the model.
 
-use patchbay::runtime::{self, Device};
+use patchbay::runtime::{self, Device, Runs};
 use patchbay::{demo, predict};
 
 /// Prompt, token count, top-5 as (token, probability), from the issue.
@@ -161,7 +161,7 @@ fn smollm2_scaled_patches_converge_to_the_attribution_estimate() {
     d_logits[wrong as usize] = -1.0;
     let seed = Seed { d_logits, dropped_layer: None };
     let hook = "blocks.20.attn.hook_z".to_string();
-    let mut grads = Gradients::new(&model, &[], std::slice::from_ref(&hook), false, Device::Cpu).unwrap();
+    let mut grads = Gradients::new(&model, &[], std::slice::from_ref(&hook), false, Runs::Few, Device::Cpu).unwrap();
     let run = |grads: &mut Gradients, ids: &Vec<u32>| {
         grads.run(&[Pass { ids: ids.clone(), patches: vec![] }], Some(std::slice::from_ref(&seed))).unwrap().remove(0)
     };

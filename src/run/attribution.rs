@@ -3,14 +3,14 @@
 //! run returns the final position's logits, the hooks' values and their gradients.
 //!
 //! The backward pass starts from dM/d(logits) (see [`metric_gradient`]). A logit difference's
-//! is the same whatever the logits, so the base run's own pass computes it, forward and
-//! backward at once. Other metrics' depend on the base run's logits: the cached base run is a
-//! forward pass (which skips the backward nodes: they sit in `If` branches), then one forward
-//! and backward pass per metric.
+//! is the same whatever the logits, so the cached base run's own pass computes it, forward and
+//! backward at once. Other metrics' depend on the base run's logits: one forward and backward
+//! pass each after the cached base run. A pass without seeds is a forward pass only: it skips
+//! the backward nodes, which sit in `If` branches.
 //!
-//! Without AtP*'s GradDrop the session does not prepack weights ([`Runs::Few`]): it runs one
-//! pass per base run and metric, and packing every weight twice (for the forward product and
-//! the backward pass's product with its transpose) would cost more than it saves.
+//! For a few runs the session does not prepack weights ([`Runs::Few`]; the caller decides, see
+//! [`crate::run::estimate::session_runs`]): packing every weight twice (for the forward
+//! product and the backward pass's product with its transpose) would cost more than it saves.
 
 use std::collections::{HashMap, HashSet};
 
@@ -60,11 +60,13 @@ pub struct Run {
 
 impl Gradients {
     /// With `graddrop`, a pass can drop one layer's residual write from its backward pass.
+    /// `runs`: how many runs the session will do (it prepacks weights only for many).
     pub fn new(
         dir: &ModelDir,
         patchable: &[String],
         hooks: &[String],
         graddrop: bool,
+        runs: Runs,
         device: Device,
     ) -> Result<Gradients> {
         let manifest = &dir.manifest;
@@ -82,8 +84,6 @@ impl Gradients {
         let forward_nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
         autodiff::append_backward(&mut model, graph::LAST_LOGITS, &tensors, &shapes, &gates)?;
         optional::make_backward_optional(&mut model, forward_nodes, RUN_BACKWARD_INPUT)?;
-        // GradDrop makes a backward pass per layer and base run: prepacking then pays.
-        let runs = if graddrop { Runs::Many } else { Runs::Few };
         Ok(Gradients {
             session: runtime::session_for_runs(&model, &dir.path, device, runs)?,
             patchable,

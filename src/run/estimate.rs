@@ -14,11 +14,11 @@
 //! and only what follows the pattern is linearised).
 
 use std::collections::HashMap;
-use std::rc::Rc;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::ir::experiment::Method;
+use crate::ir::experiment::{CorruptionKind, Method, MetricKind};
+use crate::ir::plan::{PlanMetric, Variant};
 use crate::model::attention;
 use crate::model::checkpoint::Tensor;
 use crate::model::ModelConfig;
@@ -28,6 +28,7 @@ use crate::run::execute::{base_logits, cached_runs_by, Forward};
 use crate::run::metrics::Readout;
 use crate::run::passes::{RunKey, Setup, VariantValues, Work};
 use crate::run::readout::Logits;
+use crate::runtime::Runs;
 
 impl Forward for Gradients {
     /// A forward pass: logits and hook values.
@@ -60,18 +61,16 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
         drops.extend((0..n_layers).map(Some));
     }
     let plain = drops.iter().position(Option::is_none);
-    // Metrics whose plain gradient is known before the run (logit differences): it is taken in
-    // the base run's own pass, forward and backward at once, not in a pass of its own.
-    let early: Vec<usize> = match plain {
-        Some(_) => (0..n_metrics).filter(|&m| constant_gradient(setup.metrics[m].kind)).collect(),
-        None => vec![],
-    };
+    let (kinds, kind_of) = metric_kinds(setup.metrics);
+    // The kind whose plain gradient is known before the run (a logit difference's): it is taken
+    // in the base run's own pass, forward and backward at once, not in a pass of its own.
+    let early = plain.and_then(|_| kinds.iter().position(|&k| constant_gradient(k)));
     let mut work = Work::default();
-    let mut early_gradients: HashMap<RunKey, Rc<Vec<Tensor>>> = HashMap::new();
+    let mut early_gradients: HashMap<RunKey, Vec<Tensor>> = HashMap::new();
     let runs = cached_runs_by(setup, |keys, passes| {
         let mut out = Vec::with_capacity(passes.len());
         for (keys, chunk) in keys.chunks(rows.max(1)).zip(passes.chunks(rows.max(1))) {
-            if early.is_empty() || keys.iter().any(|k| k.sample.is_none() != setup.variant.base_is_clean()) {
+            if early.is_none() || keys.iter().any(|k| k.sample.is_none() != setup.variant.base_is_clean()) {
                 out.extend(model.forward(chunk, true)?);
                 continue;
             }
@@ -84,7 +83,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
                 .collect();
             work.backward_passes += chunk.len() as u64;
             for (key, run) in keys.iter().zip(model.run(chunk, Some(&seeds))?) {
-                early_gradients.insert(*key, Rc::new(run.gradients));
+                early_gradients.insert(*key, run.gradients);
                 out.push(Output { logits: Logits::vocabulary(run.logits), captures: run.values, boundaries: vec![] });
             }
         }
@@ -92,7 +91,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     })?;
     let dropped: Vec<usize> = (0..drops.len()).filter(|&d| drops[d].is_some()).collect();
     let qk = QkFix::new(&setup.hooks, model.config().clone());
-    // Every run's estimates for base run (p, s), from its gradients `[metric][drop]`.
+    // Every run's estimates for prompt p, sample s, from its base run's gradients `[kind][drop]`.
     let estimate = |p: usize, s: usize, gradients: &BaseGradients| -> Result<Vec<Vec<f64>>> {
         let (base, base_acts, source) = setup.base_and_source(&runs, p, s);
         let base_values = setup.values(base_logits(&runs, setup, p, s), p, &runs.clean_lp[p]);
@@ -110,7 +109,7 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
             };
             let linearised: Vec<&HookPatch> = pass.patches.iter().filter(|p| !fixed.contains(&p.hook)).collect();
             let change = |d: usize, m: usize| {
-                let gradient = &gradients[m][d];
+                let gradient = &gradients[kind_of[m]][d];
                 let through_patterns: f64 = patterns
                     .iter()
                     .map(|(h, delta)| {
@@ -138,64 +137,78 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     };
     // [run][prompt][sample] -> every metric's estimate
     let mut estimates: Vec<Vec<Vec<Vec<f64>>>> = vec![vec![vec![vec![]; samples]; n]; setup.variant.patches.len()];
-    let mut settle = |p: usize, s: usize, gradients: &BaseGradients| -> Result<()> {
-        for (r, values) in estimate(p, s, gradients)?.into_iter().enumerate() {
-            estimates[r][p][s] = values;
-        }
-        Ok(())
-    };
-    // Per base run (p, s): its gradients `[metric][drop]` and how many backward passes it
-    // still needs. A base run's are used and dropped as soon as it has them all, so memory
-    // does not grow with the prompts times the dropped layers.
-    let mut pending: HashMap<(usize, usize), (BaseGradients, usize)> = HashMap::new();
-    let mut jobs: Vec<(usize, usize, usize, usize)> = vec![];
+    // Each base run and the samples it serves: when noising, the clean run serves them all.
+    let mut bases: Vec<(RunKey, Vec<usize>)> = vec![];
     for p in 0..n {
         for s in 0..samples {
-            let mut gradients: BaseGradients = vec![vec![Rc::default(); drops.len()]; n_metrics];
-            let mut left = 0;
-            for (m, per_drop) in gradients.iter_mut().enumerate() {
-                for (d, gradient) in per_drop.iter_mut().enumerate() {
-                    match early_gradients.get(&setup.base_key(p, s)) {
-                        Some(g) if Some(d) == plain && early.contains(&m) => *gradient = g.clone(),
-                        _ => {
-                            jobs.push((p, s, m, d));
-                            left += 1;
-                        }
-                    }
-                }
-            }
-            match left {
-                0 => settle(p, s, &gradients)?,
-                _ => drop(pending.insert((p, s), (gradients, left))),
+            match bases.last_mut() {
+                Some((key, served)) if *key == setup.base_key(p, s) => served.push(s),
+                _ => bases.push((setup.base_key(p, s), vec![s])),
             }
         }
     }
-    drop(early_gradients);
-    // dM/d(logits) of the last (prompt, sample, metric): the same for each of its dropped layers.
-    let mut last_seed: Option<((usize, usize, usize), Vec<f32>)> = None;
+    let mut settle = |key: RunKey, served: &[usize], gradients: &BaseGradients| -> Result<()> {
+        for &s in served {
+            for (r, values) in estimate(key.prompt, s, gradients)?.into_iter().enumerate() {
+                estimates[r][key.prompt][s] = values;
+            }
+        }
+        Ok(())
+    };
+    // Per base run: its gradients `[kind][drop]` and how many backward passes it still needs.
+    // GradDrop's gradients are used and dropped as soon as a base run has them all, so memory
+    // does not grow with the prompts times the dropped layers; the early gradients (one set per
+    // base run, the size of its cached activations) are held from the cached runs until then.
+    let mut pending: HashMap<RunKey, (BaseGradients, usize)> = HashMap::new();
+    let mut jobs: Vec<(usize, usize, usize)> = vec![];
+    for (b, (key, served)) in bases.iter().enumerate() {
+        let mut gradients: BaseGradients = vec![vec![vec![]; drops.len()]; kinds.len()];
+        let mut early_gradient = early_gradients.remove(key);
+        let mut left = 0;
+        for (k, per_drop) in gradients.iter_mut().enumerate() {
+            for (d, gradient) in per_drop.iter_mut().enumerate() {
+                match (early == Some(k) && Some(d) == plain).then(|| early_gradient.take()).flatten() {
+                    Some(g) => *gradient = g,
+                    None => {
+                        jobs.push((b, k, d));
+                        left += 1;
+                    }
+                }
+            }
+        }
+        match left {
+            0 => settle(*key, served, &gradients)?,
+            _ => drop(pending.insert(*key, (gradients, left))),
+        }
+    }
+    // dM/d(logits) of the last (base run, kind): the same for each of its dropped layers.
+    let mut last_seed: Option<((usize, usize), Vec<f32>)> = None;
     for chunk in jobs.chunks(rows.max(1)) {
         let mut passes = vec![];
         let mut seeds = vec![];
-        for &(p, s, m, d) in chunk {
+        for &(b, k, d) in chunk {
+            let (key, served) = &bases[b];
+            let (p, s) = (key.prompt, served[0]);
             let (base, ..) = setup.base_and_source(&runs, p, s);
-            if last_seed.as_ref().is_none_or(|(key, _)| *key != (p, s, m)) {
+            if last_seed.as_ref().is_none_or(|(job, _)| *job != (b, k)) {
                 let logits =
                     base_logits(&runs, setup, p, s).full().expect("the gradient session unembeds the vocabulary");
-                let d_logits = metric_gradient(setup.metrics[m].kind, logits, &readout(setup, p, &runs.clean_lp[p]));
-                last_seed = Some(((p, s, m), d_logits.iter().map(|&x| x as f32).collect()));
+                let d_logits = metric_gradient(kinds[k], logits, &readout(setup, p, &runs.clean_lp[p]));
+                last_seed = Some(((b, k), d_logits.iter().map(|&x| x as f32).collect()));
             }
             let d_logits = last_seed.as_ref().expect("set above").1.clone();
             seeds.push(Seed { d_logits, dropped_layer: drops[d] });
             work.backward_passes += 1;
             passes.push(base);
         }
-        for (&(p, s, m, d), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
-            let (gradients, left) = pending.get_mut(&(p, s)).expect("a job's base run is pending");
-            gradients[m][d] = Rc::new(run.gradients);
+        for (&(b, k, d), run) in chunk.iter().zip(model.run(&passes, Some(&seeds))?) {
+            let (key, served) = &bases[b];
+            let (gradients, left) = pending.get_mut(key).expect("a job's base run is pending");
+            gradients[k][d] = run.gradients;
             *left -= 1;
             if *left == 0 {
-                let (gradients, _) = pending.remove(&(p, s)).expect("found above");
-                settle(p, s, &gradients)?;
+                let (gradients, _) = pending.remove(key).expect("found above");
+                settle(*key, served, &gradients)?;
             }
         }
     }
@@ -205,15 +218,57 @@ pub fn attribution(setup: &Setup, model: &mut Gradients, rows: usize) -> Result<
     Ok(values)
 }
 
+/// The metrics' distinct kinds, and each metric's index among them. A metric's gradient depends
+/// on its kind only (the answers are the prompt's): one backward pass per base run serves every
+/// metric of a kind.
+fn metric_kinds(metrics: &[PlanMetric]) -> (Vec<MetricKind>, Vec<usize>) {
+    let mut kinds: Vec<MetricKind> = vec![];
+    let kind_of = (metrics.iter())
+        .map(|metric| match kinds.iter().position(|&k| k == metric.kind) {
+            Some(k) => k,
+            None => {
+                kinds.push(metric.kind);
+                kinds.len() - 1
+            }
+        })
+        .collect();
+    (kinds, kind_of)
+}
+
+/// ONNX Runtime calls from which prepacking the gradient session's weights pays for itself: on
+/// SmolLM2 it took 1.1 s and saved about 0.09 s per call of 20 to 28 passes (README,
+/// "Attribution patching against exact patching").
+const PREPACKING_PAYS_FROM_CALLS: usize = 12;
+
+/// How to prepare the gradient session for `variant`'s estimates at `rows` passes per call,
+/// from the passes [`attribution`] makes: the cached clean and corrupted runs (a logit
+/// difference's gradient among them), then a backward pass per base run and other metric kind,
+/// and for AtP* one per base run, metric kind and layer.
+pub fn session_runs(variant: &Variant, metrics: &[PlanMetric], n_layers: usize, rows: usize) -> Runs {
+    let prompts = variant.prompts.len();
+    let samples = variant.corruption_kind.samples();
+    let ablation = matches!(variant.corruption_kind, CorruptionKind::Ablation { .. });
+    let corrupted = if ablation { 0 } else { prompts * samples };
+    let base_runs = if variant.base_is_clean() { prompts } else { prompts * samples };
+    let (kinds, _) = metric_kinds(metrics);
+    let has = |m: Method| variant.patches.iter().any(|r| r.method == m);
+    let plain = if has(Method::Attribution) { kinds.iter().filter(|&&k| !constant_gradient(k)).count() } else { 0 };
+    let dropped = if has(Method::AtpStar) { kinds.len() * n_layers } else { 0 };
+    let passes = prompts + corrupted + base_runs * (plain + dropped);
+    match passes.div_ceil(rows.max(1)) >= PREPACKING_PAYS_FROM_CALLS {
+        true => Runs::Many,
+        false => Runs::Few,
+    }
+}
+
 /// What prompt `p`'s metrics read, with `clean_log_probs` (for `kl`).
 fn readout<'a>(setup: &Setup, p: usize, clean_log_probs: &'a [f64]) -> Readout<'a> {
     let prompt = &setup.variant.prompts[p];
     Readout { answer: prompt.answer.ids(), wrong: prompt.wrong.as_ref().map(|w| w.ids()), clean_log_probs }
 }
 
-/// A base run's gradients, `[metric][drop]` -> per hook (shared where one backward pass serves
-/// several metrics).
-type BaseGradients = Vec<Vec<Rc<Vec<Tensor>>>>;
+/// A base run's gradients, `[metric kind][drop]` -> per hook.
+type BaseGradients = Vec<Vec<Vec<Tensor>>>;
 
 /// The hooks AtP*'s QK fix reads besides the patched ones: for every layer whose queries or
 /// keys `runs` patch, its queries, keys and attention pattern.

@@ -194,10 +194,11 @@ pub fn run(exp: &Experiment, opts: &RunOptions) -> Result<Outcome> {
                         captured.push(extra);
                     }
                 }
-                let mut model = Gradients::new(&dir, &hooks, &captured, !star.is_empty(), device)?;
                 let sub = subset(full_variant, &estimated);
-                let setup = Setup::new(&sub, &plan.metrics, model.hooks.clone());
                 let rows = rows_per_backward(&dir, full_variant, opts.memory_bytes);
+                let runs = estimate::session_runs(&sub, &plan.metrics, dir.manifest.config.n_layers, rows);
+                let mut model = Gradients::new(&dir, &hooks, &captured, !star.is_empty(), runs, device)?;
+                let setup = Setup::new(&sub, &plan.metrics, model.hooks.clone());
                 Some(estimate::attribution(&setup, &mut model, rows)?)
             }
         };
@@ -409,9 +410,9 @@ fn verify_top(variant: &plan::Variant, estimated: &[usize], values: &VariantValu
 /// One variant's values from the exactly patched runs and the estimated ones (indices into the
 /// variant's runs, with the values computed on that subset).
 ///
-/// An estimate is its base run's metric plus a first-order change. With exact runs, the rows
-/// report the exact path's clean and corrupted metrics, so each estimate's change is carried
-/// onto them: a patch that changes nothing is 0 whichever session computed the base run.
+/// An estimate is its base run's metric plus a first-order change. With exact or path runs,
+/// the rows report those runs' clean and corrupted metrics, so each estimate's change is
+/// carried onto them: a patch that changes nothing is 0 whichever session computed the base.
 fn merge(
     variant: &plan::Variant,
     exact: Option<(Vec<usize>, VariantValues)>,
@@ -419,7 +420,7 @@ fn merge(
     paths: Option<(Vec<usize>, VariantValues)>,
 ) -> VariantValues {
     let n_runs = variant.patches.len();
-    let base = exact.as_ref().or(estimated.as_ref()).or(paths.as_ref()).map(|(_, v)| v);
+    let base = exact.as_ref().or(paths.as_ref()).or(estimated.as_ref()).map(|(_, v)| v);
     let base = base.expect("a variant measures some runs");
     let mut merged = VariantValues {
         patched: vec![vec![]; n_runs],
@@ -434,7 +435,7 @@ fn merge(
             (false, Some(corrupted)) => corrupted.clone(),
             _ => v.clean.clone(),
         };
-        let rebase = exact.is_some().then(|| (base_of(values), base_of(&merged)));
+        let rebase = (exact.is_some() || paths.is_some()).then(|| (base_of(values), base_of(&merged)));
         for (i, &r) in runs.iter().enumerate() {
             let mut patched = values.patched[i].clone();
             if let Some((own, reported)) = &rebase {
