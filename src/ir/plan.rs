@@ -322,7 +322,7 @@ impl fmt::Display for Plan {
                 let graddrop = v.patches.iter().any(|p| p.method == Method::AtpStar);
                 writeln!(
                     f,
-                    "  estimated by attribution patching: {} patched runs, from one backward pass per base run and metric{}",
+                    "  estimated by attribution patching: {} patched runs, from one backward pass per base run and metric kind{}",
                     v.counts.estimated_runs,
                     if graddrop { " (AtP*: one per layer)" } else { "" }
                 )?;

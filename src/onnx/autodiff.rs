@@ -19,7 +19,8 @@ use anyhow::{anyhow, bail, Result};
 use super::proto::{data_type, AttributeProto, ModelProto, NodeProto, TensorProto};
 use super::writer::{attr_int, attr_ints, float_of_any_shape};
 
-/// ONNX Runtime's own operators (`FusedMatMul`), in every build of it.
+/// ONNX Runtime's own operators (`FusedMatMul`), in its standard CPU and CUDA builds (not in
+/// builds made with `--disable_contrib_ops`).
 const ORT_DOMAIN: &str = "com.microsoft";
 
 /// The seed input (`dL/dy`) for differentiating tensor `y`.

@@ -385,10 +385,7 @@ fn subset(variant: &plan::Variant, runs: &[usize]) -> plan::Variant {
 /// patches exactly: its k components of largest |estimated effect| on the first metric.
 fn verify_top(variant: &plan::Variant, estimated: &[usize], values: &VariantValues) -> Vec<usize> {
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
-    let base = match (variant.direction, &values.corrupted) {
-        (crate::ir::experiment::Direction::Denoise, Some(c)) => mean(&c[0]),
-        _ => mean(&values.clean[0]),
-    };
+    let base = mean(&values.base(variant.direction)[0]);
     let mut picked = vec![];
     let mut targets: Vec<&str> = estimated.iter().map(|&r| variant.patches[r].target.as_str()).collect();
     targets.dedup();
@@ -431,11 +428,8 @@ fn merge(
     };
     if let Some((runs, values)) = &estimated {
         // [metric][prompt]: the base runs' metrics behind the estimates, and the rows'.
-        let base_of = |v: &VariantValues| match (variant.base_is_clean(), &v.corrupted) {
-            (false, Some(corrupted)) => corrupted.clone(),
-            _ => v.clean.clone(),
-        };
-        let rebase = (exact.is_some() || paths.is_some()).then(|| (base_of(values), base_of(&merged)));
+        let rebase = (exact.is_some() || paths.is_some())
+            .then(|| (values.base(variant.direction).to_vec(), merged.base(variant.direction).to_vec()));
         for (i, &r) in runs.iter().enumerate() {
             let mut patched = values.patched[i].clone();
             if let Some((own, reported)) = &rebase {

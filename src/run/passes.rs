@@ -34,6 +34,17 @@ pub struct VariantValues {
     pub task: Option<CleanTask>,
 }
 
+impl VariantValues {
+    /// The metrics of the runs patches start from, `[metric][prompt]`: the corrupted runs' when
+    /// denoising, the clean runs' when noising or ablating (no corrupted run).
+    pub fn base(&self, direction: Direction) -> &[Vec<f64>] {
+        match (direction, &self.corrupted) {
+            (Direction::Denoise, Some(corrupted)) => corrupted,
+            _ => &self.clean,
+        }
+    }
+}
+
 /// How the model does the task on a variant's clean prompts: a prompt it gets wrong has no
 /// behaviour for patching to localise. Right means the answer is more likely than the wrong
 /// answer: a positive logit difference, for token sets log P(answers) - log P(wrong answers)
@@ -72,7 +83,8 @@ pub struct Work {
     pub passes: u64,
     pub layer_tokens: u64,
     pub largest_call: u64,
-    /// Forward and backward passes of attribution patching (one per base run and metric).
+    /// Forward and backward passes of attribution patching (one per base run and metric kind;
+    /// for AtP*, one per layer too).
     pub backward_passes: u64,
     /// Of `passes`, those read back from checkpoints (an interrupted run's, or shards') rather
     /// than computed by this process.

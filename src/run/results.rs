@@ -71,10 +71,7 @@ fn cells(
 ) -> (Cells, Vec<PromptCells>) {
     let clean = &values.clean[m];
     let corrupted = values.corrupted.as_ref().map(|c| &c[m]);
-    let base: &[f64] = match (direction, corrupted) {
-        (Direction::Denoise, Some(c)) => c,
-        _ => clean,
-    };
+    let base = &values.base(direction)[m];
     let effects: Vec<f64> = patched.iter().zip(base).map(|(p, b)| p - b).collect();
     let effect = mean(patched) - mean(base);
     let (mean_clean, mean_corrupted) = (mean(clean), corrupted.map(|c| mean(c)));
