@@ -12,6 +12,9 @@ use patchbay::run::graph::Unembed;
 use patchbay::runtime::{Device, Runs};
 use patchbay::test_support::synth::{self, WeightDtype};
 
+#[path = "support/sweep_fixture.rs"]
+mod sweep_fixture;
+
 fn tiny_model(dir: &Path, arch: Architecture) -> ModelDir {
     patchbay::runtime::ensure(true).unwrap();
     let ckpt = dir.join("ckpt");
@@ -154,30 +157,13 @@ fn gpt2_graddrop_gradients_match_frozen_layer_differences() {
     graddrop_gradients_match_frozen_layer_differences(Architecture::Gpt2);
 }
 
-/// A tiny model and an IOI experiment over it in `dir`; `body` adds targets and metrics.
+/// A tiny model and an IOI experiment over it in `dir`: 3 prompts, `s2_io`, both directions;
+/// `body` adds corruptions, targets and metrics.
 fn experiment(dir: &Path, arch: Architecture, body: &str) -> std::path::PathBuf {
-    tiny_model(dir, arch);
-    let file = dir.join("exp.bay");
-    let text = format!(
-        r#"model "model"
-pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob"]
-dataset ioi {{
-  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
-  slot IO, S1 from names distinct
-  slot S2 = S1
-  slot PLACE from [" store", " park"]
-  slot OBJECT from [" drink", " book"]
-  count 3  seed 1
-  answer IO  wrong S1
-}}
-corruption s2_io = replace S2 with IO
-{body}
-sweep {{ direction: [denoise, noise] }}
-output "out/r.csv"
-"#
+    let body = format!(
+        "corruption s2_io = replace S2 with IO\n{body}\nsweep {{ direction: [denoise, noise] }}\noutput \"out/r.csv\"\n"
     );
-    std::fs::write(&file, text).unwrap();
-    file
+    sweep_fixture::setup_model(dir, arch, 3, &body)
 }
 
 /// `by attribution` against an estimate computed here from the gradient session directly:

@@ -1,7 +1,7 @@
-//! Shared test fixture for the sharding tests: a tiny model and a sweep of several variants
-//! (two directions, Gaussian noise with samples, two targets, two metrics) which, under a tiny
-//! memory budget, runs as many one-pass batches. Included with `#[path]`; not every test file
-//! uses every item.
+//! Shared test fixture: a tiny model and an IOI experiment over it; for the sharding tests, a
+//! sweep of several variants (two directions, Gaussian noise with samples, two targets, two
+//! metrics) which, under a tiny memory budget, runs as many one-pass batches. Included with
+//! `#[path]`; not every test file uses every item.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
