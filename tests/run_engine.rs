@@ -3,38 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use patchbay::import::{self, ImportOptions};
 use patchbay::model::Architecture;
 use patchbay::run::{self, results::Row, segments::Segments, Executor, RunOptions};
-use patchbay::test_support::synth::{self, WeightDtype};
+use patchbay::test_support::synth;
+
+#[path = "support/sweep_fixture.rs"]
+mod sweep_fixture;
 
 /// A tiny model of `arch` imported into `<dir>/model`, and an experiment file using it.
 fn setup(dir: &Path, arch: Architecture, body: &str) -> PathBuf {
-    runtime();
-    let ckpt = dir.join("ckpt");
-    synth::tiny(arch, 3).write_hf_folder(&ckpt, WeightDtype::F32).unwrap();
-    import::import(&ImportOptions { source: ckpt, out: dir.join("model"), force: false, quiet: true }).unwrap();
-    let file = dir.join("exp.bay");
-    let text = format!(
-        r#"model "model"
-pool names = [" Mary", " John", " Tom", " Sarah", " Alice", " Bob"]
-dataset ioi {{
-  template "When{{IO}} and{{S1}} went to the{{PLACE}},{{S2}} gave a{{OBJECT}} to"
-  slot IO, S1 from names distinct
-  slot S2 = S1
-  slot PLACE from [" store", " park"]
-  slot OBJECT from [" drink", " book"]
-  count 3  seed 1
-  answer IO  wrong S1
-}}
-{body}"#
-    );
-    std::fs::write(&file, text).unwrap();
-    file
-}
-
-fn runtime() {
-    patchbay::runtime::ensure(true).unwrap();
+    sweep_fixture::setup_model(dir, arch, 3, body)
 }
 
 fn run_file(file: &Path, executor: Executor) -> run::Outcome {
